@@ -1,0 +1,345 @@
+"""The DuckDB catalog: jobs, stages, committed parts, shards and error counts.
+
+DuckDB lets one process at a time open a file for writing, so every method here opens the file,
+runs one short transaction and closes it again; a process that finds the file locked retries.
+That way a CLI run and the service can share one catalog. Only drivers call this, never workers.
+"""
+
+import json
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import duckdb
+
+from curate.shards import PartResult
+from schemas.catalog import CATALOG_DDL, STAGE_VIEWS
+from schemas.job import JobSpec
+
+
+class CatalogError(RuntimeError):
+    pass
+
+
+class JobNotFound(CatalogError):
+    pass
+
+
+class JobConflict(CatalogError):
+    """A job id re-used with a different spec."""
+
+
+def _now() -> datetime:
+    return datetime.now(UTC).replace(tzinfo=None)
+
+
+def _is_lock_conflict(error: Exception) -> bool:
+    text = str(error).lower()
+    return "lock" in text and ("conflict" in text or "could not set" in text)
+
+
+def _quote(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+def _sql_list(paths: list[Path]) -> str:
+    return "[" + ", ".join("'" + str(p).replace("'", "''") + "'" for p in paths) + "]"
+
+
+class Catalog:
+    def __init__(self, path: Path, data_root: Path, lock_timeout_s: float = 120.0):
+        self.path = Path(path)
+        self.data_root = Path(data_root)
+        self.lock_timeout_s = lock_timeout_s
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self._transaction() as con:
+            con.execute(CATALOG_DDL)
+
+    # -- plumbing -----------------------------------------------------------------------------
+
+    def _connect(self, read_only: bool = False) -> duckdb.DuckDBPyConnection:
+        deadline = time.monotonic() + self.lock_timeout_s
+        delay = 0.02
+        while True:
+            try:
+                return duckdb.connect(str(self.path), read_only=read_only)
+            except duckdb.IOException as error:
+                if not _is_lock_conflict(error) or time.monotonic() > deadline:
+                    raise CatalogError(
+                        f"catalog {self.path} is locked by another process: {error}"
+                    ) from error
+                time.sleep(delay)
+                delay = min(delay * 2, 0.5)
+
+    @contextmanager
+    def _transaction(self) -> Iterator[duckdb.DuckDBPyConnection]:
+        con = self._connect()
+        try:
+            con.begin()
+            yield con
+            con.commit()
+        except BaseException:
+            con.rollback()
+            raise
+        finally:
+            con.close()
+
+    def relative(self, path: Path) -> str:
+        path = Path(path).resolve()
+        try:
+            return str(path.relative_to(self.data_root.resolve()))
+        except ValueError:
+            return str(path)
+
+    def absolute(self, stored: str) -> Path:
+        path = Path(stored)
+        return path if path.is_absolute() else self.data_root / path
+
+    # -- jobs ---------------------------------------------------------------------------------
+
+    def open_job(self, spec: JobSpec) -> bool:
+        """Create the job, or check that a re-run asks for the same job. True when it existed."""
+        assert spec.job_id, "a job spec reaching the catalog has an id"
+        with self._transaction() as con:
+            row = con.execute("SELECT spec FROM jobs WHERE job_id = ?", [spec.job_id]).fetchone()
+            now = _now()
+            if row is None:
+                con.execute(
+                    "INSERT INTO jobs VALUES (?, ?, 'created', NULL, ?, ?)",
+                    [spec.job_id, spec.model_dump_json(), now, now],
+                )
+                return False
+            stored = JobSpec.model_validate_json(row[0])
+            if stored.identity() != spec.identity():
+                raise JobConflict(
+                    f"job {spec.job_id!r} exists with a different spec; re-run it with the same "
+                    f"options or choose another --job. Stored: {json.dumps(stored.identity())}"
+                )
+            if stored.until != spec.until:
+                con.execute(
+                    "UPDATE jobs SET spec = ?, updated_at = ? WHERE job_id = ?",
+                    [spec.model_dump_json(), now, spec.job_id],
+                )
+            return True
+
+    def set_job_status(self, job_id: str, status: str, message: str | None = None) -> None:
+        with self._transaction() as con:
+            con.execute(
+                "UPDATE jobs SET status = ?, message = ?, updated_at = ? WHERE job_id = ?",
+                [status, message, _now(), job_id],
+            )
+
+    def job_spec(self, job_id: str) -> JobSpec:
+        with self._transaction() as con:
+            row = con.execute("SELECT spec FROM jobs WHERE job_id = ?", [job_id]).fetchone()
+        if row is None:
+            raise JobNotFound(f"no job {job_id!r} in {self.path}")
+        return JobSpec.model_validate_json(row[0])
+
+    # -- stages and parts ---------------------------------------------------------------------
+
+    def start_stage(self, job_id: str, stage: str, parts_total: int | None) -> None:
+        with self._transaction() as con:
+            con.execute(
+                """
+                INSERT INTO stages (job_id, stage, status, parts_total, started_at)
+                VALUES (?, ?, 'running', ?, ?)
+                ON CONFLICT (job_id, stage) DO UPDATE SET
+                    status = 'running', parts_total = excluded.parts_total, message = NULL,
+                    finished_at = NULL
+                """,
+                [job_id, stage, parts_total, _now()],
+            )
+
+    def committed_parts(self, job_id: str, stage: str) -> set[int]:
+        with self._transaction() as con:
+            rows = con.execute(
+                "SELECT part FROM parts WHERE job_id = ? AND stage = ?", [job_id, stage]
+            ).fetchall()
+        return {r[0] for r in rows}
+
+    def commit_part(self, job_id: str, stage: str, result: PartResult) -> None:
+        """Register a part's shards and error counts together: after this, the part is done."""
+        with self._transaction() as con:
+            con.execute(
+                "INSERT INTO parts VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                [
+                    job_id,
+                    stage,
+                    result.part,
+                    result.rows_in,
+                    result.rows_out,
+                    result.errors,
+                    result.seconds,
+                    _now(),
+                ],
+            )
+            con.executemany(
+                "INSERT INTO shards VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                [
+                    [
+                        job_id,
+                        stage,
+                        kind,
+                        result.part,
+                        self.relative(s.path),
+                        s.rows,
+                        s.bytes,
+                        s.checksum,
+                    ]
+                    for kind, s in sorted(result.shards.items())
+                ],
+            )
+            if result.error_counts:
+                con.executemany(
+                    "INSERT INTO error_counts VALUES (?, ?, ?, ?, ?)",
+                    [
+                        [job_id, stage, result.part, reason, count]
+                        for reason, count in sorted(result.error_counts.items())
+                    ],
+                )
+
+    def finish_stage(
+        self,
+        job_id: str,
+        stage: str,
+        status: str,
+        seconds: float,
+        metrics: dict[str, Any] | None = None,
+        message: str | None = None,
+    ) -> None:
+        with self._transaction() as con:
+            con.execute(
+                """
+                UPDATE stages SET status = ?, finished_at = ?, seconds = seconds + ?,
+                    metrics = coalesce(?, metrics), message = ?
+                WHERE job_id = ? AND stage = ?
+                """,
+                [
+                    status,
+                    _now(),
+                    seconds,
+                    json.dumps(metrics) if metrics is not None else None,
+                    message,
+                    job_id,
+                    stage,
+                ],
+            )
+
+    def shard_paths(self, job_id: str, stage: str, kind: str) -> list[Path]:
+        with self._transaction() as con:
+            rows = con.execute(
+                "SELECT path FROM shards WHERE job_id = ? AND stage = ? AND kind = ? ORDER BY part",
+                [job_id, stage, kind],
+            ).fetchall()
+        return [self.absolute(r[0]) for r in rows]
+
+    # -- views --------------------------------------------------------------------------------
+
+    def refresh_views(self, job_id: str) -> None:
+        """(Re)create the job's SQL views over exactly its registered shards."""
+        with self._transaction() as con:
+            rows = con.execute(
+                "SELECT stage, kind, path FROM shards WHERE job_id = ? ORDER BY stage, kind, part",
+                [job_id],
+            ).fetchall()
+            by_stage: dict[str, dict[str, list[Path]]] = {}
+            for stage, kind, path in rows:
+                by_stage.setdefault(stage, {}).setdefault(kind, []).append(self.absolute(path))
+            schema = _quote(job_id)
+            con.execute(f"CREATE SCHEMA IF NOT EXISTS {schema}")
+            for stage, kinds in by_stage.items():
+                sources = {
+                    kind: f"read_parquet({_sql_list(paths)}, union_by_name = true)"
+                    for kind, paths in kinds.items()
+                }
+                for view, template in STAGE_VIEWS.get(stage, {}).items():
+                    con.execute(
+                        f"CREATE OR REPLACE VIEW {schema}.{_quote(view)} AS "
+                        + template.format(**sources)
+                    )
+
+    # -- reports ------------------------------------------------------------------------------
+
+    def list_jobs(self) -> list[dict[str, Any]]:
+        with self._transaction() as con:
+            cur = con.execute(
+                """
+                SELECT j.job_id, j.status, j.spec->>'source' AS source, j.created_at,
+                       j.updated_at, coalesce(sum(p.rows_out), 0) AS rows_out,
+                       coalesce(sum(p.errors), 0) AS errors
+                FROM jobs j LEFT JOIN parts p USING (job_id)
+                GROUP BY ALL ORDER BY j.created_at
+                """
+            )
+            names = [d[0] for d in cur.description]
+            return [dict(zip(names, row, strict=True)) for row in cur.fetchall()]
+
+    def job_report(self, job_id: str) -> dict[str, Any]:
+        """Everything `curate jobs show` prints, as plain data."""
+        with self._transaction() as con:
+            job = con.execute(
+                "SELECT job_id, status, message, spec, created_at, updated_at FROM jobs "
+                "WHERE job_id = ?",
+                [job_id],
+            ).fetchone()
+            if job is None:
+                raise JobNotFound(f"no job {job_id!r} in {self.path}")
+            stages = con.execute(
+                """
+                SELECT s.stage, s.status, s.parts_total, count(p.part) AS parts_done,
+                       coalesce(sum(p.rows_in), 0), coalesce(sum(p.rows_out), 0),
+                       coalesce(sum(p.errors), 0), s.seconds, s.metrics, s.message,
+                       s.started_at, s.finished_at
+                FROM stages s LEFT JOIN parts p USING (job_id, stage)
+                WHERE s.job_id = ? GROUP BY ALL ORDER BY s.started_at
+                """,
+                [job_id],
+            ).fetchall()
+            reasons = con.execute(
+                "SELECT stage, reason, sum(count) FROM error_counts WHERE job_id = ? "
+                "GROUP BY ALL ORDER BY 1, 3 DESC, 2",
+                [job_id],
+            ).fetchall()
+        report_stages = []
+        for row in stages:
+            stage = row[0]
+            report_stages.append(
+                {
+                    "stage": stage,
+                    "status": row[1],
+                    "parts_total": row[2],
+                    "parts_done": row[3],
+                    "rows_in": row[4],
+                    "rows_out": row[5],
+                    "errors": row[6],
+                    "seconds": round(row[7] or 0.0, 3),
+                    "metrics": json.loads(row[8]) if row[8] else {},
+                    "message": row[9],
+                    "started_at": row[10].isoformat() if row[10] else None,
+                    "finished_at": row[11].isoformat() if row[11] else None,
+                    "errors_by_reason": {r: int(n) for s, r, n in reasons if s == stage},
+                }
+            )
+        return {
+            "job_id": job[0],
+            "status": job[1],
+            "message": job[2],
+            "spec": json.loads(job[3]),
+            "created_at": job[4].isoformat(),
+            "updated_at": job[5].isoformat(),
+            "stages": report_stages,
+        }
+
+    def query(self, sql: str) -> tuple[list[str], list[tuple]]:
+        """Run one read-only SQL statement against the catalog and its views."""
+        con = self._connect(read_only=True)
+        try:
+            cur = con.execute(sql)
+            names = [d[0] for d in cur.description] if cur.description else []
+            return names, cur.fetchall() if names else []
+        finally:
+            con.close()

@@ -1,0 +1,234 @@
+"""The `curate` command line.
+
+The one module of `curate` that reaches up the layers: `run` hands the job to `pipelines` (Ray),
+imported late so that `curate jobs` and `curate demo` start fast and need no Ray.
+"""
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from curate.catalog import Catalog, CatalogError
+from curate.settings import Settings
+from schemas.job import STAGES, SpecError, describe_validation_error, parse_job_spec
+
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+
+
+class UsageError(Exception):
+    """Bad input from the user: printed without a traceback, exit status 2."""
+
+
+def _settings() -> Settings:
+    try:
+        return Settings()
+    except ValidationError as error:
+        raise UsageError(f"bad CURATE_* setting: {describe_validation_error(error)}") from None
+
+
+def _catalog(settings: Settings) -> Catalog:
+    return Catalog(settings.catalog_file, settings.data_root)
+
+
+# -- run ----------------------------------------------------------------------------------------
+
+
+def _spec_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    spec: dict[str, Any] = {"source": args.source}
+    if args.job:
+        spec["job_id"] = args.job
+    if args.until:
+        spec["until"] = args.until
+    ingest = {
+        key: value
+        for key, value in {
+            "shard_size": args.shard_size,
+            "url_column": args.url_column,
+            "min_side": args.min_side,
+            "max_aspect": args.max_aspect,
+            "max_side": args.max_side,
+            "max_pixels": args.max_pixels,
+        }.items()
+        if value is not None
+    }
+    if ingest:
+        spec["ingest"] = ingest
+    return spec
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from curate.ingest.sources import SourceError
+    from pipelines.job import run_job
+    from pipelines.runner import StageFailed
+
+    settings = _settings()
+    try:
+        spec = parse_job_spec(_spec_from_args(args))
+        report = run_job(spec, settings, log=lambda m: print(m, file=sys.stderr))
+    except (SpecError, SourceError, CatalogError) as error:
+        raise UsageError(str(error)) from None
+    except StageFailed as error:
+        print(f"curate: job failed: {error}", file=sys.stderr)
+        return EXIT_FAILED
+    _print_report(report, sys.stdout)
+    job = report["job_id"]
+    print(f"\nshards: {settings.job_dir(job)}")
+    print(f"query:  curate sql 'SELECT reason, count(*) FROM \"{job}\".ingest_errors GROUP BY 1'")
+    return 0
+
+
+# -- jobs ---------------------------------------------------------------------------------------
+
+
+def _print_report(report: dict[str, Any], out) -> None:
+    print(f"job {report['job_id']}  status: {report['status']}", file=out)
+    print(f"  source:  {report['spec']['source']}", file=out)
+    print(f"  created: {report['created_at']}  updated: {report['updated_at']}", file=out)
+    if report.get("message"):
+        print(f"  message: {report['message']}", file=out)
+    header = f"  {'stage':<10}{'status':<9}{'parts':>11}{'rows in':>10}{'rows out':>10}"
+    print(header + f"{'errors':>8}{'seconds':>9}", file=out)
+    for stage in report["stages"]:
+        total = stage["parts_total"] if stage["parts_total"] is not None else "?"
+        parts = f"{stage['parts_done']}/{total}"
+        print(
+            f"  {stage['stage']:<10}{stage['status']:<9}{parts:>11}{stage['rows_in']:>10}"
+            f"{stage['rows_out']:>10}{stage['errors']:>8}{stage['seconds']:>9.1f}",
+            file=out,
+        )
+        for key, value in stage["metrics"].items():
+            print(f"      {key}: {value}", file=out)
+        if stage["errors_by_reason"]:
+            reasons = ", ".join(f"{r} {n}" for r, n in stage["errors_by_reason"].items())
+            print(f"      errors by reason: {reasons}", file=out)
+        if stage["message"]:
+            print(f"      message: {stage['message']}", file=out)
+
+
+def cmd_jobs_list(args: argparse.Namespace) -> int:
+    jobs = _catalog(_settings()).list_jobs()
+    if args.json:
+        print(json.dumps(jobs, default=str, indent=2))
+        return 0
+    if not jobs:
+        print("no jobs yet: start one with `curate run --source SRC`")
+        return 0
+    print(f"{'job':<32}{'status':<9}{'images':>9}{'errors':>8}  source")
+    for job in jobs:
+        print(
+            f"{job['job_id']:<32}{job['status']:<9}{job['rows_out']:>9}{job['errors']:>8}  "
+            f"{job['source']}"
+        )
+    return 0
+
+
+def cmd_jobs_show(args: argparse.Namespace) -> int:
+    try:
+        report = _catalog(_settings()).job_report(args.job_id)
+    except CatalogError as error:
+        raise UsageError(str(error)) from None
+    if args.json:
+        print(json.dumps(report, indent=2, default=str))
+    else:
+        _print_report(report, sys.stdout)
+    return 0
+
+
+# -- demo and sql -------------------------------------------------------------------------------
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from curate.demo import generate_demo
+
+    try:
+        manifest = generate_demo(Path(args.dir), count=args.count, seed=args.seed, progress=True)
+    except ValueError as error:
+        raise UsageError(str(error)) from None
+    print(
+        f"demo corpus in {args.dir}: {len(manifest.crawl_files)} crawl files in {args.dir}/crawl, "
+        f"{len(manifest.seed_files)} seed images in {args.dir}/seeds/demo"
+    )
+    return 0
+
+
+def cmd_sql(args: argparse.Namespace) -> int:
+    catalog = _catalog(_settings())
+    try:
+        names, rows = catalog.query(args.query)
+    except Exception as error:  # DuckDB's own message says what is wrong with the query
+        raise UsageError(f"query failed: {error}") from None
+    if args.json:
+        print(json.dumps([dict(zip(names, r, strict=True)) for r in rows], default=str, indent=2))
+        return 0
+    if names:
+        print("\t".join(names))
+        for row in rows:
+            print("\t".join("" if v is None else str(v) for v in row))
+    return 0
+
+
+# -- parser -------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="curate", description="LVD-style curation of image crawls (see README.md)."
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = commands.add_parser("run", help="run or resume a curation job")
+    run.add_argument("--source", required=True, help="folder, glob, URL list, .tar or .parquet")
+    run.add_argument("--job", help="job id; re-running an existing id resumes it")
+    run.add_argument("--until", choices=STAGES, help="last stage to run (default: all)")
+    run.add_argument("--shard-size", type=int, help="source items per shard (default 1000)")
+    run.add_argument("--url-column", help="URL column of .csv/.tsv/.jsonl/.parquet lists")
+    run.add_argument("--min-side", type=int, help="reject images with a shorter side (default 64)")
+    run.add_argument("--max-aspect", type=float, help="reject longer/shorter > this (default 4)")
+    run.add_argument("--max-side", type=int, help="downscale images whose longer side is larger")
+    run.add_argument("--max-pixels", type=int, help="decompression-bomb cap (default 89478485)")
+    run.set_defaults(func=cmd_run)
+
+    jobs = commands.add_parser("jobs", help="list jobs or show one").add_subparsers(
+        dest="jobs_command", required=True, metavar="list|show"
+    )
+    listing = jobs.add_parser("list", help="every job in the catalog")
+    listing.add_argument("--json", action="store_true")
+    listing.set_defaults(func=cmd_jobs_list)
+    show = jobs.add_parser("show", help="one job: stages, counts, errors by reason")
+    show.add_argument("job_id")
+    show.add_argument("--json", action="store_true")
+    show.set_defaults(func=cmd_jobs_show)
+
+    demo = commands.add_parser("demo", help="generate the built-in demo corpus")
+    demo.add_argument("dir")
+    demo.add_argument("--count", type=int, default=2000)
+    demo.add_argument("--seed", type=int, default=0)
+    demo.set_defaults(func=cmd_demo)
+
+    sql = commands.add_parser("sql", help="SQL over the catalog and each job's stage views")
+    sql.add_argument("query", help="e.g. 'SELECT count(*) FROM \"demo\".ingest'")
+    sql.add_argument("--json", action="store_true")
+    sql.set_defaults(func=cmd_sql)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except UsageError as error:
+        print(f"curate: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("curate: interrupted; re-run the same command to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""The ingest stage: read a source, fetch and validate every item, write image shards."""

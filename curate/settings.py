@@ -1,0 +1,60 @@
+"""Machine-level knobs, read from the environment (prefix CURATE_) and never from a job spec."""
+
+from pathlib import Path
+
+from pydantic import BaseModel, Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from curate import __version__
+
+
+class CrawlSettings(BaseModel):
+    """The crawler's limits; shipped to Ray workers as a plain value."""
+
+    model_config = {"frozen": True}
+
+    concurrency: int = Field(64, ge=1, description="requests in flight per worker")
+    per_host: int = Field(8, ge=1, description="requests in flight per host per worker")
+    timeout_s: float = Field(20.0, gt=0, description="whole-request timeout, body included")
+    connect_timeout_s: float = Field(10.0, gt=0)
+    retries: int = Field(3, ge=0, description="retries on 429, 5xx and connection errors")
+    backoff_s: float = Field(0.5, ge=0, description="first retry delay; doubles each retry")
+    max_backoff_s: float = Field(30.0, ge=0, description="cap on one delay, Retry-After included")
+    max_bytes: int = Field(32 << 20, ge=1, description="largest response body accepted")
+    max_redirects: int = Field(5, ge=0)
+    user_agent: str = (
+        f"lvd-curate/{__version__} (image dataset curation; honours X-Robots-Tag noai)"
+    )
+    allow_private_networks: bool = Field(
+        False, description="allow private, loopback, link-local and multicast destinations"
+    )
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="CURATE_", env_nested_delimiter="__", extra="forbid"
+    )
+
+    data_root: Path = Path("./data")
+    catalog_path: Path | None = Field(None, description="default: DATA_ROOT/catalog.duckdb")
+    ray_address: str | None = Field(None, description="join this Ray cluster; default local")
+    num_cpus: int | None = Field(None, ge=1, description="CPUs for a local Ray; default all")
+    num_gpus: int | None = Field(None, ge=0, description="GPUs for a local Ray; default all")
+    progress: bool = Field(True, description="progress bars on the terminal")
+
+    # CURATE_CRAWL__TIMEOUT_S=5 and the like set one limit.
+    crawl: CrawlSettings = CrawlSettings()
+    allow_private_networks: bool = Field(
+        False, description="let the crawler reach private and loopback addresses (tests, intranets)"
+    )
+
+    @property
+    def catalog_file(self) -> Path:
+        return self.catalog_path or self.data_root / "catalog.duckdb"
+
+    def job_dir(self, job_id: str) -> Path:
+        return self.data_root / "jobs" / job_id
+
+    def crawl_settings(self) -> CrawlSettings:
+        """The crawl limits as shipped to workers, with the network policy folded in."""
+        return self.crawl.model_copy(update={"allow_private_networks": self.allow_private_networks})

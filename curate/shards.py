@@ -1,0 +1,95 @@
+"""Parquet shards that exist whole or not at all."""
+
+import hashlib
+import os
+import uuid
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+_ROW_GROUP_ROWS = 1024
+
+
+@dataclass(frozen=True)
+class ShardInfo:
+    path: Path
+    rows: int
+    bytes: int
+    checksum: str  # sha256 of the file
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _leaf_columns(
+    fields: Iterable[pa.Field], prefix: str = ""
+) -> Iterator[tuple[str, pa.DataType]]:
+    for f in fields:
+        if pa.types.is_struct(f.type):
+            yield from _leaf_columns(f.type, f"{prefix}{f.name}.")
+        else:
+            yield f"{prefix}{f.name}", f.type
+
+
+def _writer_options(schema: pa.Schema) -> dict:
+    """zstd, dictionaries and statistics for the small columns; none of them for binary ones.
+
+    Binary columns hold encoded images: compressing them again buys nothing, and dictionary
+    attempts and min/max statistics over megabytes of bytes cost more than the whole write.
+    """
+    leaves = list(_leaf_columns(schema))
+    small = [name for name, dtype in leaves if not pa.types.is_binary(dtype)]
+    return {
+        "compression": {name: ("zstd" if name in small else "none") for name, _ in leaves},
+        "use_dictionary": small,
+        "write_statistics": small,
+    }
+
+
+def write_shard(table: pa.Table, path: Path) -> ShardInfo:
+    """Write `table` to `path` through a temporary file and an atomic rename.
+
+    A crash leaves at most a dot-prefixed temporary file, never a partial shard. The temporary
+    name is unique, so a worker left over from a killed run cannot collide with its re-run.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        pq.write_table(table, tmp, row_group_size=_ROW_GROUP_ROWS, **_writer_options(table.schema))
+        with open(tmp, "rb+") as handle:
+            os.fsync(handle.fileno())
+        checksum = file_sha256(tmp)
+        size = tmp.stat().st_size
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return ShardInfo(path=path, rows=table.num_rows, bytes=size, checksum=checksum)
+
+
+def shard_name(part: int) -> str:
+    return f"part-{part:06d}.parquet"
+
+
+@dataclass
+class PartResult:
+    """What one part of a stage produced: its shards and what happened to its input rows."""
+
+    part: int
+    rows_in: int
+    rows_out: int
+    shards: dict[str, ShardInfo]  # kind -> shard
+    error_counts: dict[str, int] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    @property
+    def errors(self) -> int:
+        return sum(self.error_counts.values())

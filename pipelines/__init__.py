@@ -1,0 +1,1 @@
+"""Ray orchestration: job specs become stages of Ray tasks over `curate` functions."""

@@ -1,0 +1,1 @@
+"""The contracts: shard schemas, job specs, reason codes and the catalog DDL."""

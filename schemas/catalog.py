@@ -1,0 +1,76 @@
+"""DDL of the DuckDB catalog. Tables only grow columns; a migration adds them with defaults."""
+
+CATALOG_DDL = """
+CREATE TABLE IF NOT EXISTS jobs (
+    job_id      VARCHAR PRIMARY KEY,
+    spec        JSON NOT NULL,
+    status      VARCHAR NOT NULL,          -- created | running | done | failed
+    message     VARCHAR,
+    created_at  TIMESTAMP NOT NULL,
+    updated_at  TIMESTAMP NOT NULL
+);
+CREATE TABLE IF NOT EXISTS stages (
+    job_id       VARCHAR NOT NULL,
+    stage        VARCHAR NOT NULL,
+    status       VARCHAR NOT NULL,         -- running | done | failed
+    parts_total  BIGINT,
+    started_at   TIMESTAMP,
+    finished_at  TIMESTAMP,
+    seconds      DOUBLE DEFAULT 0,         -- summed over attempts
+    metrics      JSON,
+    message      VARCHAR,
+    PRIMARY KEY (job_id, stage)
+);
+-- One row per committed part of a stage: the unit of exactly-once. Its shards and error counts
+-- are registered in the same transaction.
+CREATE TABLE IF NOT EXISTS parts (
+    job_id    VARCHAR NOT NULL,
+    stage     VARCHAR NOT NULL,
+    part      INTEGER NOT NULL,
+    rows_in   BIGINT NOT NULL,
+    rows_out  BIGINT NOT NULL,
+    errors    BIGINT NOT NULL,
+    seconds   DOUBLE NOT NULL,
+    committed_at TIMESTAMP NOT NULL,
+    PRIMARY KEY (job_id, stage, part)
+);
+CREATE TABLE IF NOT EXISTS shards (
+    job_id    VARCHAR NOT NULL,
+    stage     VARCHAR NOT NULL,
+    kind      VARCHAR NOT NULL,            -- data | errors
+    part      INTEGER NOT NULL,
+    path      VARCHAR NOT NULL,            -- relative to the data root
+    rows      BIGINT NOT NULL,
+    bytes     BIGINT NOT NULL,
+    checksum  VARCHAR NOT NULL,            -- sha256 of the file
+    PRIMARY KEY (job_id, stage, kind, part)
+);
+CREATE TABLE IF NOT EXISTS error_counts (
+    job_id  VARCHAR NOT NULL,
+    stage   VARCHAR NOT NULL,
+    part    INTEGER NOT NULL,
+    reason  VARCHAR NOT NULL,
+    count   BIGINT NOT NULL,
+    PRIMARY KEY (job_id, stage, part, reason)
+);
+"""
+
+# Views over the registered shards of one job, created in the job's own schema (e.g. "demo".ingest).
+# `{data}` and `{errors}` stand for read_parquet([...]) over the stage's registered shards, never a
+# glob: a shard written by a killed run but not registered is not part of the job.
+STAGE_VIEWS: dict[str, dict[str, str]] = {
+    "ingest": {
+        # One row per distinct image: the first occurrence in source order.
+        "ingest": (
+            "SELECT * FROM {data} "
+            "QUALIFY row_number() OVER (PARTITION BY image_id ORDER BY part, item) = 1"
+        ),
+        # The later occurrences of an exact duplicate, and the first one they repeat.
+        "ingest_duplicates": (
+            "SELECT image_id, uri, part, item, first_value(uri) OVER w AS duplicate_of FROM {data} "
+            "WINDOW w AS (PARTITION BY image_id ORDER BY part, item) "
+            "QUALIFY row_number() OVER w > 1"
+        ),
+        "ingest_errors": "SELECT * FROM {errors}",
+    },
+}
