@@ -187,3 +187,31 @@ def test_crawled_url_list_turns_every_failure_into_a_reason(ray_local, settings,
     assert captions["c4"].endswith("/flaky.jpg") and captions["c5"].endswith("/elsewhere")
     details = dict(query(settings, 'SELECT reason, detail FROM "j".ingest_errors'))
     assert "404" in details["http_status"] or "500" in details["http_status"]
+
+
+def test_demo_job_reports_every_planted_problem(ray_local, settings, tmp_path):
+    from curate.demo import FileKind, generate_demo
+
+    manifest = generate_demo(tmp_path / "demo", count=120, seed=1)
+    report = run(settings, tmp_path / "demo" / "crawl", job="demo", shard_size=40)
+    (stage,) = report["stages"]
+    crawl = tmp_path / "demo"
+    errors = query(settings, 'SELECT uri, reason FROM "demo".ingest_errors')
+    got = {
+        str((crawl / path).resolve()): reason for path, reason in manifest.expected_errors().items()
+    }
+    assert dict(errors) == got, "every broken file, and nothing else, is an error row"
+    exact = manifest.by_kind(FileKind.EXACT_DUPLICATE)
+    assert stage["metrics"]["exact_duplicates"] == len(exact)
+    duplicates = dict(query(settings, 'SELECT uri, duplicate_of FROM "demo".ingest_duplicates'))
+    for planted in exact:
+        # Which copy comes first in path order decides which is "the duplicate".
+        pair = {
+            str((crawl / planted.path).resolve()),
+            str((crawl / planted.duplicate_of).resolve()),
+        }
+        assert any({uri, first} == pair for uri, first in duplicates.items())
+    assert stage["rows_out"] == len(manifest.crawl_files) - len(got)
+    by_sha = dict(query(settings, 'SELECT image_id, uri FROM "demo".ingest'))
+    for sample in manifest.by_kind(FileKind.MODE_SAMPLE):
+        assert sample.sha256 in by_sha, f"{sample.variant} sample was not ingested"
