@@ -145,7 +145,7 @@ def img2dataset(url_list: Path, out: Path) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--count", type=int, default=4000)
+    parser.add_argument("--count", type=int, default=10_000)
     args = parser.parse_args()
 
     files = make_corpus(WORK / "jpegs", args.count)
