@@ -48,9 +48,7 @@ class FileServer(asyncio.Protocol):
 async def serve(root: Path) -> None:
     loop = asyncio.get_running_loop()
     cache: dict[str, bytes] = {}
-    server = await loop.create_server(
-        lambda: FileServer(root, cache), "127.0.0.1", 0, backlog=1024
-    )
+    server = await loop.create_server(lambda: FileServer(root, cache), "127.0.0.1", 0, backlog=1024)
     print(server.sockets[0].getsockname()[1], flush=True)
     await server.serve_forever()
 
