@@ -215,3 +215,37 @@ def test_demo_job_reports_every_planted_problem(ray_local, settings, tmp_path):
     by_sha = dict(query(settings, 'SELECT image_id, uri FROM "demo".ingest'))
     for sample in manifest.by_kind(FileKind.MODE_SAMPLE):
         assert sample.sha256 in by_sha, f"{sample.variant} sample was not ingested"
+
+
+def test_a_failing_part_fails_the_job_clearly_and_a_rerun_resumes(ray_local, settings, tmp_path):
+    from pipelines.runner import StageFailed
+
+    write_folder(tmp_path / "imgs", 4)
+    spec = parse_job_spec({"source": str(tmp_path / "imgs"), "job_id": "f"})
+    # A file where the stage's folder should be: every worker's write fails (disk trouble).
+    blocker = settings.job_dir("f") / "ingest"
+    blocker.parent.mkdir(parents=True)
+    blocker.write_text("in the way")
+    with pytest.raises(StageFailed, match="ingest failed on part 0"):
+        run_job(spec, settings, log=lambda _: None)
+    report = Catalog(settings.catalog_file, settings.data_root).job_report("f")
+    assert report["status"] == "failed" and "part 0" in report["message"]
+    assert report["stages"][0]["status"] == "failed"
+
+    blocker.unlink()
+    report = run_job(spec, settings, log=lambda _: None)
+    assert report["status"] == "done" and report["stages"][0]["rows_out"] == 4
+
+
+def test_a_corrupt_parquet_shard_is_an_error_row_not_a_failed_job(ray_local, settings, tmp_path):
+    images = [jpeg(100, 100, seed=90 + i) for i in range(6)]
+    good = write_hf_parquet(tmp_path / "src" / "a.parquet", images[:3], row_group_size=3)
+    bad = write_hf_parquet(tmp_path / "src" / "b.parquet", images[3:], row_group_size=3)
+    data = bytearray(bad.read_bytes())
+    data[100:2000] = b"\x00" * 1900  # clobber the data pages; the footer still reads
+    bad.write_bytes(bytes(data))
+    report = run(settings, tmp_path / "src" / "*.parquet", job="pq")
+    (stage,) = report["stages"]
+    assert stage["rows_out"] == 3 and stage["errors_by_reason"] == {"read_error": 1}
+    ((uri, detail),) = query(settings, 'SELECT uri, detail FROM "pq".ingest_errors')
+    assert uri.startswith(str(bad)) and "row groups" in detail and good.exists()

@@ -290,7 +290,10 @@ def _parquet_parts(
 ) -> Iterator[SourcePart]:
     index = 0
     for path in files:
-        meta = pq.ParquetFile(path).metadata
+        try:
+            meta = pq.ParquetFile(path).metadata
+        except (pa.ArrowException, OSError) as error:
+            raise SourceError(f"cannot read Parquet file {path}: {error}") from None
         groups: list[int] = []
         rows = 0
         for group in range(meta.num_row_groups):
@@ -394,8 +397,15 @@ def _tar_items(tar_path: str) -> Iterator[Item]:
 
 def _parquet_items(part: SourcePart) -> Iterator[Item]:
     assert part.path and part.image_column
-    parquet = pq.ParquetFile(part.path)
-    table = parquet.read_row_groups(list(part.row_groups))
+    try:
+        parquet = pq.ParquetFile(part.path)
+        table = parquet.read_row_groups(list(part.row_groups))
+    except (pa.ArrowException, OSError) as error:
+        # A damaged shard loses its rows, not the job: one error row stands for the part.
+        groups = ",".join(map(str, part.row_groups))
+        detail = f"row groups {groups} unreadable: {type(error).__name__}: {error}"
+        yield f"{part.path}#row-groups={groups}", "{}", Rejected(Reason.READ_ERROR, detail)
+        return
     first_row = sum(parquet.metadata.row_group(g).num_rows for g in range(part.row_groups[0]))
     binary_columns = {
         f.name for f in table.schema if _holds_image_bytes(f.type) or f.name == part.image_column
