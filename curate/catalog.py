@@ -15,7 +15,7 @@ from typing import Any
 
 import duckdb
 
-from curate.shards import PartResult
+from curate.shards import PartResult, ShardRef
 from schemas.catalog import CATALOG_DDL, STAGE_VIEWS
 from schemas.job import JobSpec
 
@@ -154,6 +154,13 @@ class Catalog:
                 [job_id, stage, parts_total, _now()],
             )
 
+    def stage_status(self, job_id: str, stage: str) -> str | None:
+        with self._transaction() as con:
+            row = con.execute(
+                "SELECT status FROM stages WHERE job_id = ? AND stage = ?", [job_id, stage]
+            ).fetchone()
+        return row[0] if row else None
+
     def committed_parts(self, job_id: str, stage: str) -> set[int]:
         with self._transaction() as con:
             rows = con.execute(
@@ -229,13 +236,36 @@ class Catalog:
                 ],
             )
 
-    def shard_paths(self, job_id: str, stage: str, kind: str) -> list[Path]:
+    def shards(self, job_id: str, stage: str, kind: str = "data") -> list[ShardRef]:
+        """The stage's registered shards of one kind, in part order."""
         with self._transaction() as con:
             rows = con.execute(
-                "SELECT path FROM shards WHERE job_id = ? AND stage = ? AND kind = ? ORDER BY part",
+                "SELECT part, path FROM shards WHERE job_id = ? AND stage = ? AND kind = ? "
+                "ORDER BY part",
                 [job_id, stage, kind],
             ).fetchall()
-        return [self.absolute(r[0]) for r in rows]
+        return [ShardRef(part, self.absolute(path)) for part, path in rows]
+
+    def shard_paths(self, job_id: str, stage: str, kind: str = "data") -> list[Path]:
+        return [shard.path for shard in self.shards(job_id, stage, kind)]
+
+    # -- evaluation sets ----------------------------------------------------------------------
+
+    def add_eval_set(self, name: str, location: str) -> None:
+        with self._transaction() as con:
+            row = con.execute("SELECT location FROM eval_sets WHERE name = ?", [name]).fetchone()
+            if row is not None and row[0] != location:
+                raise CatalogError(
+                    f"eval set {name!r} is registered at {row[0]}; choose another name"
+                )
+            if row is None:
+                con.execute("INSERT INTO eval_sets VALUES (?, ?, ?)", [name, location, _now()])
+
+    def eval_sets(self) -> dict[str, str]:
+        """Registered evaluation sets: name -> location."""
+        with self._transaction() as con:
+            rows = con.execute("SELECT name, location FROM eval_sets ORDER BY name").fetchall()
+        return dict(rows)
 
     # -- views --------------------------------------------------------------------------------
 

@@ -59,19 +59,38 @@ def _spec_from_args(args: argparse.Namespace) -> dict[str, Any]:
     }
     if ingest:
         spec["ingest"] = ingest
+    if args.eval_sets:
+        spec["eval_sets"] = [name.strip() for name in args.eval_sets.split(",") if name.strip()]
+    dedup = {
+        key: value
+        for key, value in {
+            "hash": args.hash,
+            "hamming_radius": args.hamming_radius,
+            "copy_threshold": args.copy_threshold,
+        }.items()
+        if value is not None
+    }
+    if dedup:
+        spec["dedup"] = dedup
     return spec
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from curate.ingest.sources import SourceError
-    from pipelines.job import run_job
-    from pipelines.runner import StageFailed
-
     settings = _settings()
     try:
         spec = parse_job_spec(_spec_from_args(args))
+    except SpecError as error:
+        raise UsageError(str(error)) from None
+    # Imported only now: the stages bring torch and Ray, seconds a bad flag need not wait.
+    from curate.dedup.copy_detection import CopyWeightsError
+    from curate.ingest.sources import SourceError
+    from pipelines.eval_sets import EvalSetError
+    from pipelines.job import run_job
+    from pipelines.runner import StageFailed
+
+    try:
         report = run_job(spec, settings, log=lambda m: print(m, file=sys.stderr))
-    except (SpecError, SourceError, CatalogError) as error:
+    except (SourceError, CatalogError, EvalSetError, CopyWeightsError) as error:
         raise UsageError(str(error)) from None
     except StageFailed as error:
         print(f"curate: job failed: {error}", file=sys.stderr)
@@ -140,6 +159,34 @@ def cmd_jobs_show(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- evaluation sets ----------------------------------------------------------------------------
+
+
+def cmd_eval_sets_add(args: argparse.Namespace) -> int:
+    from curate.ingest.sources import SourceError, detect_source
+
+    try:
+        parse_job_spec({"source": args.location, "eval_sets": [args.name]})
+        source = detect_source(args.location)
+        _catalog(_settings()).add_eval_set(args.name, args.location)
+    except (SpecError, SourceError, CatalogError) as error:
+        raise UsageError(str(error)) from None
+    print(f"eval set {args.name}: {source.description} at {args.location}")
+    return 0
+
+
+def cmd_eval_sets_list(args: argparse.Namespace) -> int:
+    sets = _catalog(_settings()).eval_sets()
+    if args.json:
+        print(json.dumps(sets, indent=2))
+    elif not sets:
+        print("no eval sets yet: register one with `curate eval-sets add NAME LOCATION`")
+    else:
+        for name, location in sets.items():
+            print(f"{name:<24}{location}")
+    return 0
+
+
 # -- demo and sql -------------------------------------------------------------------------------
 
 
@@ -192,7 +239,21 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--max-aspect", type=float, help="reject longer/shorter > this (default 4)")
     run.add_argument("--max-side", type=int, help="downscale images whose longer side is larger")
     run.add_argument("--max-pixels", type=int, help="decompression-bomb cap (default 89478485)")
+    run.add_argument("--eval-sets", help="registered eval sets to decontaminate against: a,b")
+    run.add_argument("--hash", choices=["pca", "phash"], help="near-duplicate hash (default pca)")
+    run.add_argument("--hamming-radius", type=int, help="near-duplicate Hamming radius")
+    run.add_argument("--copy-threshold", type=float, help="copy cosine threshold (default 0.6)")
     run.set_defaults(func=cmd_run)
+
+    eval_sets = commands.add_parser("eval-sets", help="evaluation sets for decontamination")
+    eval_commands = eval_sets.add_subparsers(dest="eval_command", required=True, metavar="add|list")
+    add = eval_commands.add_parser("add", help="register a set by name")
+    add.add_argument("name")
+    add.add_argument("location", help="folder, glob, URL list, .tar or .parquet")
+    add.set_defaults(func=cmd_eval_sets_add)
+    listing_sets = eval_commands.add_parser("list", help="registered sets")
+    listing_sets.add_argument("--json", action="store_true")
+    listing_sets.set_defaults(func=cmd_eval_sets_list)
 
     jobs = commands.add_parser("jobs", help="list jobs or show one").add_subparsers(
         dest="jobs_command", required=True, metavar="list|show"

@@ -42,6 +42,14 @@ class Settings(BaseSettings):
     num_gpus: int | None = Field(None, ge=0, description="GPUs for a local Ray; default all")
     progress: bool = Field(True, description="progress bars on the terminal")
 
+    copy_weights: Path | None = Field(
+        None, description="SSCD-style copy-descriptor checkpoint (TorchScript or state dict)"
+    )
+    copy_arch: str = Field("resnet50", description="trunk of a state-dict or random copy model")
+    allow_random_weights: bool = Field(
+        False, description="run models without weights (tests, demo): their output means nothing"
+    )
+
     # CURATE_CRAWL__TIMEOUT_S=5 and the like set one limit.
     crawl: CrawlSettings = CrawlSettings()
     allow_private_networks: bool = Field(

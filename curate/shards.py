@@ -75,6 +75,14 @@ def write_shard(table: pa.Table, path: Path) -> ShardInfo:
     return ShardInfo(path=path, rows=table.num_rows, bytes=size, checksum=checksum)
 
 
+@dataclass(frozen=True)
+class ShardRef:
+    """A registered shard as the input of a later stage: its part number and file."""
+
+    index: int
+    path: Path
+
+
 def shard_name(part: int) -> str:
     return f"part-{part:06d}.parquet"
 

@@ -6,8 +6,9 @@ from datetime import datetime
 from curate.catalog import Catalog
 from curate.ingest.sources import detect_source
 from curate.settings import Settings
+from pipelines.eval_sets import check_eval_sets
 from pipelines.runner import init_ray
-from pipelines.stages import STAGE_RUNNERS, JobContext
+from pipelines.stages import STAGE_RUNNERS, JobContext, copy_model_of
 from schemas.job import JobSpec
 
 
@@ -22,6 +23,8 @@ def run_job(spec: JobSpec, settings: Settings, log=print) -> dict:
     # The source is checked before the job is recorded: an unreadable source starts nothing.
     source = detect_source(spec.source, spec.ingest.url_column)
     catalog = Catalog(settings.catalog_file, settings.data_root)
+    if "dedup" in spec.stages():
+        check_eval_sets(spec.eval_sets, catalog, copy_model_of(settings))
     resumed = catalog.open_job(spec)
     log(f"{'resuming' if resumed else 'starting'} job {spec.job_id}: {source.description}")
     catalog.set_job_status(spec.job_id, "running")

@@ -45,6 +45,12 @@ CREATE TABLE IF NOT EXISTS shards (
     checksum  VARCHAR NOT NULL,            -- sha256 of the file
     PRIMARY KEY (job_id, stage, kind, part)
 );
+-- Evaluation sets whose copies are removed from crawls (decontamination), by name.
+CREATE TABLE IF NOT EXISTS eval_sets (
+    name        VARCHAR PRIMARY KEY,
+    location    VARCHAR NOT NULL,          -- folder, glob, URL list, .tar or .parquet
+    created_at  TIMESTAMP NOT NULL
+);
 CREATE TABLE IF NOT EXISTS error_counts (
     job_id  VARCHAR NOT NULL,
     stage   VARCHAR NOT NULL,
@@ -72,5 +78,9 @@ STAGE_VIEWS: dict[str, dict[str, str]] = {
             "QUALIFY row_number() OVER w > 1"
         ),
         "ingest_errors": "SELECT * FROM {errors}",
+    },
+    "dedup": {
+        # One row per ingest occurrence: keep, or the reason it goes and what it duplicates.
+        "dedup": "SELECT * FROM {data}",
     },
 }

@@ -1,13 +1,15 @@
 """The job spec: the one description of a curation run that CLI flags, REST bodies and recipes
 parse into."""
 
+import re
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 # Stages in pipeline order. A stage joins this tuple when it exists.
-STAGES: tuple[str, ...] = ("ingest",)
-Stage = Literal["ingest"]
+STAGES: tuple[str, ...] = ("ingest", "dedup")
+Stage = Literal["ingest", "dedup"]
+NAME_PATTERN = r"^[a-z0-9][a-z0-9_.-]{0,62}$"
 
 JOB_ID_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,62}$"
 
@@ -32,6 +34,24 @@ class IngestOptions(BaseModel):
     max_pixels: int = Field(89_478_485, ge=1, description="reject images with more pixels")
 
 
+class DedupOptions(BaseModel):
+    """How near duplicates and copies are found. DINOv2's settings are the defaults."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    hash: Literal["pca", "phash"] = Field("pca", description="PCA hash, or imagededup's PHash")
+    hash_bits: Literal[64, 128] = 64
+    hamming_radius: int | None = Field(
+        None, ge=0, le=32, description="near-duplicate radius (default: the hash's own)"
+    )
+    itq_iterations: int = Field(50, ge=0, description="ITQ rotation steps after PCA (0: none)")
+    pca_sample: int = Field(100_000, ge=100, description="images the PCA basis is fitted on")
+    copy_k: int = Field(64, ge=1, le=2048, description="neighbours searched per image")
+    copy_threshold: float = Field(0.6, gt=0, lt=1, description="cosine above which a copy")
+    eval_threshold: float = Field(0.45, gt=0, lt=1, description="cosine to an eval image")
+    copy_batch_size: int = Field(32, ge=1)
+
+
 class JobSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -39,6 +59,18 @@ class JobSpec(BaseModel):
     source: str = Field(min_length=1, description="folder, glob, URL list, .tar or .parquet")
     until: Stage = Field(STAGES[-1], description="last stage to run")
     ingest: IngestOptions = IngestOptions()
+    eval_sets: list[str] = Field(
+        default_factory=list, description="registered evaluation sets whose copies are removed"
+    )
+    dedup: DedupOptions = DedupOptions()
+
+    @field_validator("eval_sets")
+    @classmethod
+    def _names(cls, value: list[str]) -> list[str]:
+        for name in value:
+            if not re.match(NAME_PATTERN, name):
+                raise ValueError(f"{name!r} is not a set name (lowercase, digits, _ . -)")
+        return sorted(set(value))
 
     @field_validator("source")
     @classmethod

@@ -39,7 +39,39 @@ ERRORS = pa.schema(
     ]
 )
 
+# Dedup, first pass: per distinct image of an ingest shard, the inputs of the global decisions.
+DEDUP_FEATURES = pa.schema(
+    [
+        ("image_id", pa.string()),
+        ("part", pa.int32()),
+        ("item", pa.int32()),
+        ("area", pa.int64()),  # pixels, for the representative rule
+        # The PCA-hash input (a low-frequency DCT block), or the 64 PHash bits as 0/1.
+        ("hash_features", pa.list_(pa.float32())),
+        # SSCD-style copy descriptor, L2-normalised; null when the copy pass is skipped.
+        ("copy_descriptor", pa.list_(pa.float16())),
+    ]
+)
+
+# Dedup: one row per ingest occurrence, saying whether it stays and why not.
+DEDUP = pa.schema(
+    [
+        ("image_id", pa.string()),
+        ("uri", pa.string()),
+        ("part", pa.int32()),
+        ("item", pa.int32()),
+        ("keep", pa.bool_()),
+        ("reason", pa.string()),  # exact | pca_hash | copy | eval_contamination | null
+        ("group_id", pa.string()),  # image_id of the group's representative; null if alone
+        # What it duplicates: the representative's image_id, or "<eval set>:<image_id>".
+        ("duplicate_of", pa.string()),
+        ("similarity", pa.float32()),  # 1.0 exact; 1 - hamming/bits; cosine
+    ]
+)
+
 SCHEMAS: dict[tuple[str, str], pa.Schema] = {
     ("ingest", "data"): INGEST,
     ("ingest", "errors"): ERRORS,
+    ("dedup_features", "data"): DEDUP_FEATURES,
+    ("dedup", "data"): DEDUP,
 }

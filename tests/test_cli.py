@@ -31,7 +31,16 @@ def test_run_list_show_and_sql(tmp_path):
     write_folder(tmp_path / "imgs", 5)
     (tmp_path / "imgs" / "broken.jpg").write_bytes(b"<html>")
     data = tmp_path / "data"
-    run = curate("run", "--source", str(tmp_path / "imgs"), "--job", "cli", data_root=data)
+    run = curate(
+        "run",
+        "--source",
+        str(tmp_path / "imgs"),
+        "--job",
+        "cli",
+        "--until",
+        "ingest",
+        data_root=data,
+    )
     assert "status: done" in run.stdout and "not_an_image 1" in run.stdout
 
     listing = curate("jobs", "list", data_root=data).stdout
@@ -66,3 +75,25 @@ def test_bad_input_is_a_clear_error_not_a_traceback(tmp_path):
     assert "no job 'ghost'" in unknown.stderr
     query = curate("sql", "SELECT * FROM nowhere", data_root=data, check_code=2)
     assert "query failed" in query.stderr
+
+
+def test_eval_sets_are_registered_and_checked(tmp_path):
+    data = tmp_path / "data"
+    write_folder(tmp_path / "bench", 2)
+    write_folder(tmp_path / "imgs", 3)
+    added = curate("eval-sets", "add", "bench", str(tmp_path / "bench"), data_root=data)
+    assert "2 image files" in added.stdout
+    assert "bench" in curate("eval-sets", "list", data_root=data).stdout
+    missing = curate(
+        "eval-sets", "add", "gone", str(tmp_path / "nope"), data_root=data, check_code=2
+    )
+    assert "does not exist" in missing.stderr
+    clash = curate(
+        "eval-sets", "add", "bench", str(tmp_path / "imgs"), data_root=data, check_code=2
+    )
+    assert "registered at" in clash.stderr
+    source = ["run", "--source", str(tmp_path / "imgs")]
+    unknown = curate(*source, "--eval-sets", "ghost", data_root=data, check_code=2)
+    assert "curate eval-sets add ghost" in unknown.stderr
+    unweighted = curate(*source, "--eval-sets", "bench", data_root=data, check_code=2)
+    assert "CURATE_COPY_WEIGHTS" in unweighted.stderr and "Traceback" not in unweighted.stderr

@@ -23,7 +23,8 @@ from tests.images import encode, jpeg, photo, truncated_jpeg
 
 
 def run(settings, source, job="j", **ingest):
-    spec = parse_job_spec({"source": str(source), "job_id": job, "ingest": ingest})
+    spec = {"source": str(source), "job_id": job, "ingest": ingest, "until": "ingest"}
+    spec = parse_job_spec(spec)
     return run_job(spec, settings, log=lambda _: None)
 
 
@@ -221,7 +222,7 @@ def test_a_failing_part_fails_the_job_clearly_and_a_rerun_resumes(ray_local, set
     from pipelines.runner import StageFailed
 
     write_folder(tmp_path / "imgs", 4)
-    spec = parse_job_spec({"source": str(tmp_path / "imgs"), "job_id": "f"})
+    spec = parse_job_spec({"source": str(tmp_path / "imgs"), "job_id": "f", "until": "ingest"})
     # A file where the stage's folder should be: every worker's write fails (disk trouble).
     blocker = settings.job_dir("f") / "ingest"
     blocker.parent.mkdir(parents=True)

@@ -7,7 +7,8 @@ from schemas.job import SpecError, parse_job_spec
 
 def test_valid_spec_fills_defaults():
     spec = parse_job_spec({"source": "data/x", "job_id": "demo"})
-    assert spec.until == "ingest" and spec.ingest.shard_size == 1000 and spec.ingest.min_side == 64
+    assert spec.until == "dedup" and spec.ingest.shard_size == 1000 and spec.ingest.min_side == 64
+    assert spec.dedup.copy_threshold == 0.6 and spec.dedup.eval_threshold == 0.45
 
 
 @pytest.mark.parametrize(

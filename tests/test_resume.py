@@ -62,6 +62,8 @@ def start_driver(source: Path, data_root: Path) -> subprocess.Popen:
             str(source),
             "--job",
             "k",
+            "--until",
+            "ingest",
             "--shard-size",
             str(SHARD_SIZE),
         ],
@@ -93,7 +95,12 @@ def test_sigkill_and_resume_gives_exactly_the_uninterrupted_rows(ray_local, sett
         names = [str(n) for n in range(IMAGES)] + ["bad", "copy"]
         source = tmp_path / "urls.txt"
         source.write_text("".join(site.url(f"/img/{n}.jpg") + "\n" for n in names))
-        spec = {"source": str(source), "job_id": "k", "ingest": {"shard_size": SHARD_SIZE}}
+        spec = {
+            "source": str(source),
+            "job_id": "k",
+            "until": "ingest",
+            "ingest": {"shard_size": SHARD_SIZE},
+        }
         parts_total = len(names) // SHARD_SIZE
 
         reference_root = tmp_path / "reference"
