@@ -111,13 +111,13 @@ def _print_report(report: dict[str, Any], out) -> None:
     print(f"  created: {report['created_at']}  updated: {report['updated_at']}", file=out)
     if report.get("message"):
         print(f"  message: {report['message']}", file=out)
-    header = f"  {'stage':<10}{'status':<9}{'parts':>11}{'rows in':>10}{'rows out':>10}"
+    header = f"  {'stage':<16}{'status':<9}{'parts':>11}{'rows in':>10}{'rows out':>10}"
     print(header + f"{'errors':>8}{'seconds':>9}", file=out)
     for stage in report["stages"]:
         total = stage["parts_total"] if stage["parts_total"] is not None else "?"
         parts = f"{stage['parts_done']}/{total}"
         print(
-            f"  {stage['stage']:<10}{stage['status']:<9}{parts:>11}{stage['rows_in']:>10}"
+            f"  {stage['stage']:<16}{stage['status']:<9}{parts:>11}{stage['rows_in']:>10}"
             f"{stage['rows_out']:>10}{stage['errors']:>8}{stage['seconds']:>9.1f}",
             file=out,
         )

@@ -104,7 +104,7 @@ def run_dedup(ctx: JobContext) -> None:
             parts_total=len(ingest),
             progress=ctx.settings.progress,
         )
-        return {"copy_model": copy_model.fingerprint()}
+        return {"copy_model": copy_model.fingerprint() if copy_model.enabled else "none"}
 
     def decisions() -> dict:
         # One task sees every image: the groups span shards. Its output is deterministic, so a

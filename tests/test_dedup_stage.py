@@ -127,7 +127,8 @@ def test_interrupted_dedup_resumes_to_the_same_decisions(ray_local, settings, co
     victim.rename(hidden)
     with pytest.raises(Exception, match="part"):
         run_job(parse_job_spec({**spec, "job_id": "cut"}), settings, log=lambda _: None)
-    assert 0 < len(catalog.committed_parts("cut", "dedup_features")) < 4
+    parts = len(catalog.shard_paths("cut", "ingest"))
+    assert len(catalog.committed_parts("cut", "dedup_features")) < parts
     hidden.rename(victim)
     run_job(parse_job_spec({**spec, "job_id": "cut"}), settings, log=lambda _: None)
 

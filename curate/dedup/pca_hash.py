@@ -20,6 +20,7 @@ import os
 import tempfile
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -29,7 +30,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from curate.dedup.grouping import connected_components, representatives
-from curate.ingest.decode import to_rgb
+from curate.ingest.decode import load_rgb, to_rgb
 
 log = logging.getLogger(__name__)
 
@@ -37,28 +38,33 @@ log = logging.getLogger(__name__)
 #
 # Measured on the demo corpus (357 originals of `generate_demo(count=400)`, nine edits of each:
 # resize 50%, JPEG q30, WebP q75, brightness and contrast +-30%, Gaussian blur 2 px, greyscale),
-# with the basis fitted on another demo corpus (seed 2) so the images were unseen, as most of a
-# large job is by its fitting sample.
+# with the basis fitted on another demo corpus (count 2000, seed 2), so that the images were
+# unseen by the fit, as most of a large job is by its fitting sample.
 # - 32x32 thumbnail, antialiased (box reduction, then Lanczos): a plain box resize aliases fine
 #   textures differently at different source sizes and lost 10% recall on the 50% resize.
-# - 12x12 DCT block (143 features): 8x8 leaves too few dimensions for 64 bits; 14-16 only add
-#   noise bits.
+# - 12x12 DCT block (143 features): 8x8 leaves too few dimensions for 64 bits; 14x14 and
+#   16x16 did no better.
 # - The x / (x + mean) tone curve lifted recall on brightness +30% (clipped highlights, the
-#   hardest edit) from 0.80 to 0.88 at radius 4; log and square-root curves lost contrast edits.
+#   hardest edit) from 0.78 to 0.87 at radius 4; log and square-root curves lost contrast edits.
 # - 64 bits: 32 bits cannot keep a billion images apart (one random pair in a million falls
 #   within radius 3); 128 bits need twice the radius for the same recall, and the exact search
 #   pays for radius exponentially.
-# - ITQ on the whitened projection: +1-3 points of recall over plain PCA signs at radius 4-6.
-#   ITQ on the raw projection halved precision: the rotation spreads the few dominant
-#   components over every bit, so look-alike images agree on most bits.
+# - ITQ on the whitened projection: +2-3 points of recall on the hardest edit over plain PCA
+#   signs at radius 4-6, under one point on average. ITQ on the raw projection halved
+#   precision: the rotation spreads the few dominant components over every bit, so look-alike
+#   images agree on most bits.
 # - Radius 5: mean recall over the nine edits 0.990 (brightness +30% 0.92, all others >= 0.99)
 #   with no false pair (precision 1.0); imagededup PHash at its default radius 10 gets 0.993 at
-#   precision 0.995. Radius 6 adds half a point of recall but brought the first false pairs and
-#   doubles the search tables; at a billion images false pairs chain whole clusters together.
+#   precision 0.995. Radius 6 adds half a point of recall but brought the first false pairs
+#   (precision 0.996) and doubles the search tables; at a billion images, false pairs chain
+#   unrelated images into one component.
 THUMBNAIL_SIDE = 32
 DCT_BLOCK = 12
 # JPEG draft decoding stops at or above this size, leaving the last reduction to the resize.
 _DRAFT_SIDE = 4 * THUMBNAIL_SIDE
+# Below this AC energy (toned pixels lie in [0, 1)) an image counts as flat; one grey level of
+# real structure is orders of magnitude above it.
+_FLAT_ENERGY = 1e-6
 FEATURE_DIM = DCT_BLOCK * DCT_BLOCK - 1
 PCA_HASH_BITS = 64
 ITQ_ITERATIONS = 50
@@ -78,7 +84,7 @@ _PAIR_BATCH = 1 << 22
 # materialising every pair of members in numpy.
 _NUMPY_BUCKET_LIMIT = 256
 _LARGE_BUCKET_WARNING = 100_000
-# The balanced table construction covers up to this many errors per 64-bit word (127 tables).
+# The balanced table construction covers up to this many errors per 64-bit word (126 tables).
 _MAX_RADIUS_PER_WORD = 6
 _QUERY_BLOCK = 4096
 # Odd 64-bit constant (Fibonacci hashing): top bits of key * constant mix every key bit.
@@ -126,9 +132,10 @@ def _features_from_thumbnails(thumbnails: np.ndarray) -> np.ndarray:
     # Dropping DC (index 0) and normalising makes the vector blind to the overall level and gain.
     features = coefficients.reshape(len(thumbnails), -1)[:, 1:]
     norms = np.linalg.norm(features, axis=1, keepdims=True)
-    # A flat image has no structure to describe: its vector stays zero, so all flat images share
-    # one code and land in one group.
-    return (features / np.maximum(norms, 1e-6)).astype(np.float32)
+    # A flat image has no structure to describe (its AC energy is rounding error): its vector is
+    # zero, so all flat images share one code and land in one group.
+    flat = norms < _FLAT_ENERGY
+    return np.where(flat, 0.0, features / np.where(flat, 1.0, norms)).astype(np.float32)
 
 
 def _thumbnail_from_bytes(data: bytes) -> np.ndarray:
@@ -174,6 +181,17 @@ def hash_features_batch(images: Iterable[Image.Image | bytes], workers: int = 1)
 # -- the hasher ------------------------------------------------------------------------------------
 
 
+def _single_threaded_blas() -> AbstractContextManager:
+    """One BLAS thread for the fit: its many small matrix products and 64x64 SVDs ran up to 100x
+    slower on a loaded 2-core host with OpenBLAS threads spinning against each other.
+    """
+    try:
+        from threadpoolctl import threadpool_limits  # installed with imagededup (scikit-learn)
+    except ImportError:
+        return nullcontext()
+    return threadpool_limits(limits=1, user_api="blas")
+
+
 def _sign_fixed(vectors: np.ndarray) -> np.ndarray:
     """Columns flipped so each one's largest entry is positive: eigenvectors become unique."""
     largest = np.abs(vectors).argmax(axis=0)
@@ -199,7 +217,7 @@ def _itq_rotation(projected: np.ndarray, iterations: int, seed: int) -> np.ndarr
     return rotation
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # array fields: identity, not elementwise, equality
 class PCAHasher:
     """A fitted PCA-hash basis: codes = sign((x - mean) @ components.T @ rotation), packed."""
 
@@ -229,6 +247,13 @@ class PCAHasher:
         if n > sample_size:
             rng = np.random.default_rng(seed)
             features = features[np.sort(rng.choice(n, sample_size, replace=False))]
+        with _single_threaded_blas():
+            return cls._fit_sample(features, bits, itq_iterations, seed)
+
+    @classmethod
+    def _fit_sample(
+        cls, features: np.ndarray, bits: int, itq_iterations: int, seed: int
+    ) -> "PCAHasher":
         mean = features.mean(axis=0)
         centred = features - mean
         variances, axes = np.linalg.eigh(centred.T @ centred / len(centred))
@@ -287,15 +312,18 @@ class PCAHasher:
             )
 
 
-def phash_codes(images: Iterable[Image.Image]) -> np.ndarray:
-    """imagededup's 64-bit PHash of each image, packed like `PCAHasher.codes`: uint8 [N, 8]."""
-    from imagededup.methods import PHash  # heavy import, only for `--hash phash`
+def phash_codes(images: Iterable[Image.Image | bytes]) -> np.ndarray:
+    """imagededup's 64-bit PHash of each image, packed like `PCAHasher.codes`: uint8 [N, 8].
+
+    Stored bytes are decoded with `load_rgb`, as the PCA hash sees them.
+    """
+    from imagededup.methods import PHash  # heavy import (it pulls in torch): only for phash
 
     hasher = PHash(verbose=False)
-    rows = [
-        np.frombuffer(bytes.fromhex(hasher.encode_image(image_array=np.asarray(to_rgb(img)))), "u1")
-        for img in images
-    ]
+    rows = []
+    for img in images:
+        pixels = np.asarray(load_rgb(img) if isinstance(img, bytes) else to_rgb(img))
+        rows.append(np.frombuffer(bytes.fromhex(hasher.encode_image(image_array=pixels)), "u1"))
     return np.stack(rows) if rows else np.zeros((0, 8), dtype=np.uint8)
 
 
@@ -333,11 +361,18 @@ def _check_codes(codes: np.ndarray) -> np.ndarray:
 class _Distinct(NamedTuple):
     """The distinct rows of a code array."""
 
-    firsts: np.ndarray  # [G] smallest row index with each distinct code
-    group: np.ndarray  # [N] which distinct code each row has
-    by_code: np.ndarray  # [N] rows ordered by group, ascending within a group
-    offsets: np.ndarray  # [G] where each group starts in by_code
-    sizes: np.ndarray  # [G] rows per group
+    firsts: np.ndarray  # [G] ascending: the first row with each distinct code
+    index: np.ndarray  # [N] position in `firsts` of each row's code
+
+
+def _fingerprints(words: np.ndarray) -> np.ndarray:
+    """One uint64 per code: the code itself for 64 bits, a hash of its words for longer codes."""
+    if words.shape[1] == 1:
+        return words[:, 0]
+    mixed = words[:, 0] * _KEY_MIX
+    for column in range(1, words.shape[1]):
+        mixed = (mixed ^ (mixed >> np.uint64(29))) * _KEY_MIX ^ words[:, column]
+    return mixed
 
 
 def _distinct_codes(codes: np.ndarray) -> _Distinct:
@@ -346,16 +381,24 @@ def _distinct_codes(codes: np.ndarray) -> _Distinct:
     multi-index table.
     """
     words = _as_words(codes)
-    by_code = np.lexsort(words.T[::-1])
-    ranked = words[by_code]
-    starts = np.ones(len(by_code), dtype=bool)
-    starts[1:] = (ranked[1:] != ranked[:-1]).any(axis=1)
-    group = np.empty(len(by_code), dtype=np.int64)
-    group[by_code] = np.cumsum(starts) - 1
-    offsets = np.flatnonzero(starts)
-    sizes = np.diff(np.append(offsets, len(by_code)))
-    # lexsort is stable, so the first row of each run is the smallest index with that code.
-    return _Distinct(by_code[starts], group, by_code, offsets, sizes)
+    n = len(words)
+    fingerprint = _fingerprints(words)
+    ordered = np.sort(fingerprint)
+    repeated = np.unique(ordered[1:][ordered[1:] == ordered[:-1]])
+    first_of = np.arange(n, dtype=np.int64)
+    if repeated.size:
+        # Only rows whose fingerprint repeats can share a code; group those on their full words.
+        slot = np.minimum(np.searchsorted(repeated, fingerprint), repeated.size - 1)
+        suspects = np.flatnonzero(repeated[slot] == fingerprint)
+        # lexsort is stable, so each run of equal codes starts with its smallest row.
+        by_code = suspects[np.lexsort(words[suspects].T[::-1])]
+        ranked = words[by_code]
+        starts = np.ones(by_code.size, dtype=bool)
+        starts[1:] = (ranked[1:] != ranked[:-1]).any(axis=1)
+        first_of[by_code] = by_code[starts][np.cumsum(starts) - 1]
+    is_first = first_of == np.arange(n)
+    position = np.cumsum(is_first) - 1
+    return _Distinct(np.flatnonzero(is_first), position[first_of])
 
 
 def _pairs_flat(codes: np.ndarray, radius: int) -> tuple[np.ndarray, np.ndarray]:
@@ -414,8 +457,9 @@ def multi_index_tables(bits: int, radius: int) -> list[tuple[int, int]]:
 
 def _run_bounds(sorted_keys: np.ndarray, index_bits: int) -> tuple[np.ndarray, np.ndarray]:
     """(start, stop) of each run of >= 2 sorted entries that agree above the index bits."""
-    same = (sorted_keys[1:] ^ sorted_keys[:-1]) >> np.uint64(index_bits) == 0
-    link = np.flatnonzero(same)
+    above = sorted_keys >> np.uint64(index_bits)
+    link = np.flatnonzero(above[1:] == above[:-1])
+    del above
     if link.size == 0:
         return link, link
     new_run = np.ones(link.size, dtype=bool)
@@ -574,7 +618,12 @@ def _expand_identical(
     left: np.ndarray, right: np.ndarray, distinct: _Distinct
 ) -> tuple[np.ndarray, np.ndarray]:
     """Pairs of distinct codes -> pairs of rows, plus all pairs of rows with one code."""
-    by_code, offsets, sizes = distinct.by_code, distinct.offsets, distinct.sizes
+    sizes = np.bincount(distinct.index, minlength=distinct.firsts.size)
+    if sizes.max(initial=1) == 1:
+        return distinct.firsts[left], distinct.firsts[right]
+    # Rows grouped by code, ascending within a group (a stable sort of the group index).
+    by_code = np.argsort(distinct.index, kind="stable")
+    offsets = np.cumsum(sizes) - sizes
     pairs = []
     # Rows that share a code: every pair of them, at distance 0.
     shared = sizes > 1
@@ -635,14 +684,14 @@ def pca_hash_groups(
     if radius < 0:
         raise ValueError(f"radius must be >= 0, got {radius}")
     n = len(codes)
-    distinct = _distinct_codes(codes)
-    firsts, group = distinct.firsts, distinct.group
+    firsts, index = _distinct_codes(codes)
     near_a, near_b = _distinct_pairs(codes[firsts], radius, exact_below, workers)
     # Identical codes are joined to the first row with their code: a star, not a clique, so a
     # million flat images cost a million edges.
     rows = np.arange(n, dtype=np.int64)
-    copy = firsts[group] != rows
-    left = np.concatenate([firsts[near_a], firsts[group][copy]])
+    first_of = firsts[index]
+    copy = first_of != rows
+    left = np.concatenate([firsts[near_a], first_of[copy]])
     right = np.concatenate([firsts[near_b], rows[copy]])
     labels = connected_components(n, left, right)
     representative = representatives(labels, area, order)
