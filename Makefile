@@ -40,6 +40,7 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/ingest.py
+	$(BIN)/python bench/dedup.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache
