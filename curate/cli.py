@@ -39,37 +39,28 @@ def _catalog(settings: Settings) -> Catalog:
 # -- run ----------------------------------------------------------------------------------------
 
 
+def _given(**values: Any) -> dict[str, Any]:
+    """The flags the user gave: the job spec's defaults stand for the others."""
+    return {key: value for key, value in values.items() if value is not None}
+
+
 def _spec_from_args(args: argparse.Namespace) -> dict[str, Any]:
-    spec: dict[str, Any] = {"source": args.source}
-    if args.job:
-        spec["job_id"] = args.job
-    if args.until:
-        spec["until"] = args.until
-    ingest = {
-        key: value
-        for key, value in {
-            "shard_size": args.shard_size,
-            "url_column": args.url_column,
-            "min_side": args.min_side,
-            "max_aspect": args.max_aspect,
-            "max_side": args.max_side,
-            "max_pixels": args.max_pixels,
-        }.items()
-        if value is not None
-    }
+    spec = _given(source=args.source, job_id=args.job, until=args.until)
+    ingest = _given(
+        shard_size=args.shard_size,
+        url_column=args.url_column,
+        min_side=args.min_side,
+        max_aspect=args.max_aspect,
+        max_side=args.max_side,
+        max_pixels=args.max_pixels,
+    )
     if ingest:
         spec["ingest"] = ingest
     if args.eval_sets:
         spec["eval_sets"] = [name.strip() for name in args.eval_sets.split(",") if name.strip()]
-    dedup = {
-        key: value
-        for key, value in {
-            "hash": args.hash,
-            "hamming_radius": args.hamming_radius,
-            "copy_threshold": args.copy_threshold,
-        }.items()
-        if value is not None
-    }
+    dedup = _given(
+        hash=args.hash, hamming_radius=args.hamming_radius, copy_threshold=args.copy_threshold
+    )
     if dedup:
         spec["dedup"] = dedup
     return spec
