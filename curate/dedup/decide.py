@@ -78,15 +78,7 @@ def _hash_codes(features: np.ndarray, options: DedupOptions, out_dir: Path) -> n
             sample_size=options.pca_sample,
         )
     else:
-        # Too few images to estimate `bits` principal axes: the signs of the lowest DCT
-        # coefficients themselves (the features are mean-free already) make the code.
-        dim = features.shape[1]
-        hasher = PCAHasher(
-            mean=np.zeros(dim, np.float32),
-            components=np.eye(bits, dim, dtype=np.float32),
-            rotation=np.eye(bits, dtype=np.float32),
-            bits=bits,
-        )
+        hasher = PCAHasher.dct_signs(features.shape[1], bits)
     out_dir.mkdir(parents=True, exist_ok=True)
     hasher.save(out_dir / PCA_BASIS)
     return hasher.codes(features)

@@ -302,6 +302,17 @@ class PCAHasher:
             raise
 
     @classmethod
+    def dct_signs(cls, dim: int, bits: int = PCA_HASH_BITS) -> "PCAHasher":
+        """The basis for jobs too small to estimate `bits` principal axes: the signs of the
+        lowest DCT coefficients themselves (the features are mean-free already)."""
+        return cls(
+            mean=np.zeros(dim, np.float32),
+            components=np.eye(bits, dim, dtype=np.float32),
+            rotation=np.eye(bits, dtype=np.float32),
+            bits=bits,
+        )
+
+    @classmethod
     def load(cls, path: str | Path) -> "PCAHasher":
         with np.load(Path(path), allow_pickle=False) as data:
             return cls(
