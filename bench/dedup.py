@@ -9,7 +9,9 @@
      with planted copies, its edge recall against exact search.
 
 Sections 3 and 4 run each scale in a fresh process and read its peak RSS around the call.
-Writes bench/results/dedup.json and bench/results/dedup.md.
+Writes bench/results/dedup.json and bench/results/dedup.md. `--sections` runs a subset: the
+others are carried over from the previous results file, marked with the code they measured,
+and a re-run quality section is compared with the previous one.
 """
 
 import argparse
@@ -773,10 +775,55 @@ def markdown(result: dict) -> str:
     ]
     render = {"quality": quality_lines, "speed": speed_lines}
     render |= {"grouping": grouping_lines, "knn": knn_lines}
+    carried = result.get("carried", {})
     for name, lines_of in render.items():
-        if name in result:
-            lines += ["", *lines_of(result[name])]
+        if name not in result:
+            continue
+        section = lines_of(result[name])
+        if name in carried:
+            note = carried[name]
+            section[1:1] = [
+                "",
+                f"*Carried over from an earlier run ({note['measured_at']}, load average "
+                f"{note['load_before']:.1f}); {code_line(note['code'])}*",
+            ]
+        if name == "quality" and "previous_quality" in result:
+            section += ["", *quality_change_lines(result["previous_quality"], result[name])]
+        lines += ["", *section]
     return "\n".join(lines) + "\n"
+
+
+def quality_change_lines(before: dict, after: dict) -> list[str]:
+    """The PCA hash's headline quality figures against the previous results file's."""
+    rows = [
+        ("pair precision, photometric set", ("photometric", "pair_precision")),
+        ("photometric recall, photometric set", ("photometric", "photometric_recall")),
+        ("pair precision, all edits", ("all", "pair_precision")),
+        ("pair recall, all edits", ("all", "pair_recall")),
+        ("geometric recall, all edits", ("all", "geometric_recall")),
+    ]
+    lines = [
+        "PCA hash against the previous results file "
+        f"({before['code']['commit']}, {before['measured_at']}):",
+        "",
+        "| metric | before | after |",
+        "|---|---:|---:|",
+    ]
+    for label, (part, key) in rows:
+        old, new = before[part]["pca_hash"][key], after[part]["pca_hash"][key]
+        lines.append(f"| {label} | {old:.3f} | {new:.3f} |")
+    for name in EDITS:
+        old = before["all"]["pca_hash"]["per_edit_recall"].get(name)
+        new = after["all"]["pca_hash"]["per_edit_recall"].get(name)
+        if old is not None and new is not None and abs(old - new) >= 0.0005:
+            lines.append(f"| recall: {name}, all edits | {old:.3f} | {new:.3f} |")
+    old_false = before["all"]["pca_hash"]["false_raw_pairs"]
+    new_false = after["all"]["pca_hash"]["false_raw_pairs"]
+    lines.append(
+        f"| raw pairs joining different originals, all edits | {sum(old_false.values())} | "
+        f"{sum(new_false.values())} |"
+    )
+    return lines
 
 
 # -- main ------------------------------------------------------------------------------------------
@@ -844,10 +891,42 @@ def parse_args() -> argparse.Namespace:
     add("--exact-queries", type=int, default=2_000)
     add("--workers", type=int, default=os.cpu_count() or 1, help="hashing threads")
     add("--seed", type=int, default=0)
+    add(
+        "--no-keep-others",
+        dest="keep_others",
+        action="store_false",
+        help="drop the sections not run now from the results (default: carried over, marked)",
+    )
     args = parser.parse_args()
     if args.quick:
         vars(args).update(QUICK)
     return args
+
+
+def _carry_over(result: dict, previous: dict, sections: list[str], keep_others: bool) -> None:
+    """Sections not run now are kept from the previous results file, each with the code and
+    load it was measured with; a re-run quality section is compared with the previous one."""
+    if "quality" in sections and "quality" in previous:
+        result["previous_quality"] = {
+            "code": previous.get("carried", {}).get("quality", previous)["code"],
+            "measured_at": previous.get("measured_at", "date not recorded"),
+            **{part: previous["quality"][part] for part in ("photometric", "all")},
+        }
+    if not keep_others:
+        return
+    carried_before = previous.get("carried", {})
+    for name in ("quality", "speed", "grouping", "knn"):
+        if name in sections or name not in previous:
+            continue
+        result[name] = previous[name]
+        result.setdefault("carried", {})[name] = carried_before.get(
+            name,
+            {
+                "code": previous["code"],
+                "measured_at": previous.get("measured_at", "date not recorded"),
+                "load_before": previous["machine"]["load_before"],
+            },
+        )
 
 
 def main() -> None:
@@ -855,6 +934,9 @@ def main() -> None:
     started = time.perf_counter()
     result = {"benchmark": "dedup", "machine": machine(), "targets": TARGETS}
     result["code"] = code_version()
+    result["measured_at"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    previous_file = RESULTS / "dedup.json"
+    previous = json.loads(previous_file.read_text()) if previous_file.exists() else None
     sections = {"quality": quality, "speed": speed, "grouping": grouping, "knn": knn}
     for name in args.sections:
         print(f"[dedup] {name} ...", flush=True)
@@ -869,6 +951,8 @@ def main() -> None:
     )
     result["wall_s"] = time.perf_counter() - started
     result["args"] = vars(args)
+    if previous is not None:
+        _carry_over(result, previous, args.sections, args.keep_others)
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "dedup.json").write_text(json.dumps(result, indent=2, default=float))
     text = markdown(result)

@@ -44,7 +44,10 @@ def _describe(location: str, copy_model: CopyModelSpec, settings: Settings, cach
         [describe.remote(s, DedupOptions(), copy_model, cache / "features") for s in shards]
     )
     manifest = {"location": location, "features": [str(r.shards["data"].path) for r in described]}
-    (cache / _COMPLETE).write_text(json.dumps(manifest, indent=2))
+    # Written whole or not at all: a torn manifest would fail every later run.
+    tmp = cache / f".{_COMPLETE}.tmp"
+    tmp.write_text(json.dumps(manifest, indent=2))
+    tmp.replace(cache / _COMPLETE)
 
 
 def check_eval_sets(names: list[str], catalog: Catalog, copy_model: CopyModelSpec) -> dict:

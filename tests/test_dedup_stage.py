@@ -1,5 +1,7 @@
 """The dedup stage end to end: real Ray, real catalog, planted duplicates of every kind."""
 
+import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -7,8 +9,13 @@ from PIL import Image, ImageEnhance
 from torch import nn
 
 from curate.catalog import Catalog
+from curate.dedup.decide import Decisions, decide
+from curate.dedup.features import list_column
+from curate.dedup.pca_hash import FEATURE_DIM, PCAHasher
+from curate.shards import shard_name, write_shard
 from pipelines.job import run_job
-from schemas.job import parse_job_spec
+from schemas.job import DedupOptions, parse_job_spec
+from schemas.shards import DEDUP_FEATURES
 from tests.images import encode, photo
 
 
@@ -73,6 +80,7 @@ def test_planted_duplicates_are_found_and_nothing_else_merged(ray_local, setting
         {
             "source": str(corpus["crawl"]),
             "job_id": "d",
+            "until": "dedup",
             "eval_sets": ["bench"],
             "ingest": {"shard_size": 10},
         }
@@ -103,7 +111,12 @@ def test_planted_duplicates_are_found_and_nothing_else_merged(ray_local, setting
 
 def test_without_weights_copy_detection_is_skipped_loudly(ray_local, settings, corpus):
     spec = parse_job_spec(
-        {"source": str(corpus["crawl"]), "job_id": "nw", "dedup": {"hash": "phash"}}
+        {
+            "source": str(corpus["crawl"]),
+            "job_id": "nw",
+            "until": "dedup",
+            "dedup": {"hash": "phash"},
+        }
     )
     with pytest.warns(RuntimeWarning, match="CURATE_COPY_WEIGHTS"):
         report = run_job(spec, settings, log=lambda _: None)
@@ -115,7 +128,7 @@ def test_without_weights_copy_detection_is_skipped_loudly(ray_local, settings, c
 
 def test_interrupted_dedup_resumes_to_the_same_decisions(ray_local, settings, corpus):
     settings = settings.model_copy(update={"copy_weights": corpus["weights"]})
-    spec = {"source": str(corpus["crawl"]), "ingest": {"shard_size": 7}}
+    spec = {"source": str(corpus["crawl"]), "until": "dedup", "ingest": {"shard_size": 7}}
     run_job(parse_job_spec({**spec, "job_id": "ref"}), settings, log=lambda _: None)
     run_job(
         parse_job_spec({**spec, "job_id": "cut", "until": "ingest"}), settings, log=lambda _: None
@@ -141,3 +154,136 @@ def test_interrupted_dedup_resumes_to_the_same_decisions(ray_local, settings, co
         )
 
     assert decisions("cut") == decisions("ref") and len(decisions("cut")) == 29
+
+
+# -- the decisions, straight from feature shards (no Ray) ------------------------------------------
+
+DIM = FEATURE_DIM
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+
+@pytest.fixture(scope="module")
+def features_job(tmp_path_factory) -> dict:
+    """400 distinct images with planted near duplicates (hash features), planted copies (copy
+    descriptors) and repeats across ingest shards, as the features pass would leave them."""
+    rng = np.random.default_rng(7)
+    n = 400
+    hash_features = _unit(rng.standard_normal((n, DIM)))
+    descriptors = _unit(rng.standard_normal((n, 512)))
+    for target in range(300, 330):  # near duplicates of images 0..29: same hash, same copy
+        hash_features[target] = _unit(hash_features[target - 300] + 0.02 * rng.standard_normal(DIM))
+        descriptors[target] = _unit(descriptors[target - 300] + 0.01 * rng.standard_normal(512))
+    for target in range(330, 350):  # copies of images 40..59 the hash cannot see
+        descriptors[target] = _unit(descriptors[target - 290] + 0.03 * rng.standard_normal(512))
+    ids = [f"{i:064x}" for i in range(n)]
+    # Source order: part p holds items 0..; images 5 and 77 occur again in a later part.
+    rows = [(i, i // 40, i % 40) for i in range(n)] + [(5, 10, 0), (77, 10, 1)]
+    return {
+        "ids": ids,
+        "rows": rows,
+        "area": rng.integers(5_000, 50_000, n),
+        "hash_features": hash_features.astype(np.float32),
+        "descriptors": descriptors.astype(np.float16),
+        "root": tmp_path_factory.mktemp("features"),
+    }
+
+
+def _write_job(job: dict, shards: int, name: str) -> tuple[list, list]:
+    """The job's rows cut into `shards` feature shards (and ingest shards by part)."""
+    root = job["root"] / name
+    rows = job["rows"]
+    feature_paths = []
+    for k, chunk in enumerate(np.array_split(np.arange(len(rows)), shards)):
+        picked = [rows[c] for c in chunk]
+        image = [i for i, _, _ in picked]
+        table = pa.table(
+            {
+                "image_id": [job["ids"][i] for i in image],
+                "part": [p for _, p, _ in picked],
+                "item": [t for _, _, t in picked],
+                "area": job["area"][image],
+                "hash_features": list_column([job["hash_features"][image]], pa.float32(), 0),
+                "copy_descriptor": list_column([job["descriptors"][image]], pa.float16(), 0),
+            },
+            schema=DEDUP_FEATURES,
+        )
+        feature_paths.append(write_shard(table, root / "features" / shard_name(k)).path)
+    ingest_paths = []
+    for part in sorted({p for _, p, _ in rows}):
+        ids = [job["ids"][i] for i, p, _ in rows if p == part]
+        path = root / "ingest" / shard_name(part)
+        ingest_paths.append(write_shard(pa.table({"image_id": ids}), path).path)
+    return ingest_paths, feature_paths
+
+
+def _decided(job: dict, shards: int, name: str, **kwargs) -> Decisions:
+    ingest, features = _write_job(job, shards, name)
+    options = DedupOptions(pca_sample=150, copy_k=16)
+    return decide(ingest, features, options, [], job["root"] / name / "dedup", **kwargs)
+
+
+def _same_decisions(a: Decisions, b: Decisions) -> None:
+    for name in ("image_ids", "first_part", "first_item", "occurrences", "reason", "group"):
+        np.testing.assert_array_equal(getattr(a, name), getattr(b, name), err_msg=name)
+    np.testing.assert_array_equal(a.duplicate_of, b.duplicate_of)
+    np.testing.assert_allclose(a.similarity, b.similarity, atol=1e-6)
+    assert a.metrics == b.metrics
+
+
+def test_decisions_stream_shard_by_shard_to_the_same_result(features_job, tmp_path):
+    whole = _decided(features_job, 1, "one")
+    assert whole.metrics["images"] == 400 and whole.metrics["removed"]["exact"] == 2
+    assert whole.metrics["removed"]["pca_hash"] == 30
+    assert whole.metrics["removed"]["copy"] == 20
+    # Of each planted pair (i, i + 300) the smaller image goes, pointing at the larger one.
+    hashed = np.flatnonzero(whole.reason == "pca_hash")
+    np.testing.assert_array_equal(np.sort(hashed % 300), np.arange(30))
+    np.testing.assert_array_equal(whole.group[hashed] % 300, hashed % 300)
+    assert (features_job["area"][whole.group[hashed]] >= features_job["area"][hashed]).all()
+    # Any cut of the same rows into shards, memory-mapped or not, decides the same; so does a
+    # copy graph searched in slices elsewhere, out of order.
+    _same_decisions(whole, _decided(features_job, 7, "seven"))
+
+    def backwards(search, slices):
+        return [search(start, stop) for start, stop in reversed(slices)]
+
+    sliced = _decided(
+        features_job, 3, "three", scratch=tmp_path, map_slices=backwards, slice_rows=50
+    )
+    _same_decisions(whole, sliced)
+
+
+def test_streamed_hash_codes_equal_a_fit_on_all_features(features_job):
+    decisions = _decided(features_job, 5, "five")
+    basis = PCAHasher.load(features_job["root"] / "five" / "dedup" / "pca_hash.npz")
+    # The same basis as one fit on the whole feature matrix, sampled by the same seed.
+    reference = PCAHasher.fit(features_job["hash_features"], sample_size=150, seed=0)
+    for name in ("mean", "components", "rotation"):
+        np.testing.assert_array_equal(getattr(basis, name), getattr(reference, name))
+    assert decisions.metrics["hash_pairs"] == 30
+
+
+def test_copy_background_raises_the_bar_for_images_near_a_dense_background(features_job):
+    plain = _decided(features_job, 2, "plain")
+    # Background images close to one copied pair: SSCD normalisation discounts that pair.
+    original, copy = 41, 331
+    pair = features_job["descriptors"][[original, copy]].astype(np.float32).sum(axis=0)
+    noise = np.random.default_rng(3).standard_normal((3, 512))
+    background = _unit(pair + 0.3 * np.linalg.norm(pair) * _unit(noise)).astype(np.float16)
+    normalised = _decided(features_job, 2, "normalised", copy_background=background)
+    assert plain.reason[copy] == "copy" or plain.reason[original] == "copy"
+    assert normalised.reason[copy] is None and normalised.reason[original] is None
+    others = np.setdiff1d(np.arange(400), [original, copy])
+    np.testing.assert_array_equal(normalised.reason[others], plain.reason[others])
+
+
+def test_mixed_feature_shards_are_refused(features_job):
+    ingest, features = _write_job(features_job, 2, "mixed")
+    table = pq.read_table(features[1])
+    empty = pa.nulls(table.num_rows, pa.list_(pa.float16()))
+    write_shard(table.set_column(5, "copy_descriptor", empty), features[1])
+    with pytest.raises(ValueError, match="CURATE_COPY_WEIGHTS"):
+        decide(ingest, features, DedupOptions(), [], features_job["root"] / "mixed" / "dedup")

@@ -3,7 +3,7 @@ from collections.abc import Callable
 
 import numpy as np
 import pytest
-from PIL import Image, ImageEnhance, ImageFilter
+from PIL import Image, ImageEnhance, ImageFilter, ImageOps
 
 from curate.dedup import pca_hash
 from curate.dedup.pca_hash import (
@@ -17,6 +17,7 @@ from curate.dedup.pca_hash import (
     near_duplicate_pairs,
     pca_hash_groups,
     phash_codes,
+    table_pairs,
 )
 from curate.demo.classes import CLASSES, RENDERERS
 from curate.ingest.decode import load_rgb
@@ -79,6 +80,30 @@ def test_every_error_pattern_leaves_some_table_key_intact():
         for _ in range(300):
             errors = sum(1 << int(p) for p in rng.choice(64, radius, replace=False))
             assert any(errors & mask == 0 for mask in masks)
+
+
+def test_tables_searched_anywhere_in_any_order_give_the_same_pairs():
+    codes = _planted_codes(3000, 8, HAMMING_RADIUS, seed=11)
+    reference = near_duplicate_pairs(codes, HAMMING_RADIUS, exact_below=0)
+    seen = []
+
+    def backwards(distinct: np.ndarray, radius: int, count: int) -> list:
+        """Stands in for Ray tasks: each table searched on its own, out of order."""
+        seen.append((len(distinct), count))
+        return [table_pairs(distinct, radius, t) for t in reversed(range(count))]
+
+    mapped = near_duplicate_pairs(codes, HAMMING_RADIUS, exact_below=0, map_tables=backwards)
+    for expected, got in zip(reference, mapped, strict=True):
+        np.testing.assert_array_equal(got, expected)
+    ((distinct, count),) = seen
+    assert count == len(multi_index_tables(64, HAMMING_RADIUS)) and distinct < len(codes)
+    # Every pair within the radius is reported by exactly one table.
+    unique = np.unique(codes, axis=0)
+    per_table = [table_pairs(unique, HAMMING_RADIUS, t) for t in range(count)]
+    keys = np.concatenate([left * len(unique) + right for left, right in per_table])
+    assert len(keys) == len(np.unique(keys)) == len(near_duplicate_pairs(unique, 5)[0])
+    with pytest.raises(ValueError, match="table must be in"):
+        table_pairs(unique, HAMMING_RADIUS, count)
 
 
 def test_search_handles_tiny_inputs():
@@ -186,6 +211,46 @@ def test_features_are_unit_vectors_blind_to_a_flat_image(corpus):
     # Stored bytes decode to the same features (PNG) as the decoded image does.
     np.testing.assert_allclose(hash_features(stored[0]), features, atol=1e-6)
     assert not hash_features(Image.new("RGB", (80, 60), (200, 30, 30))).any()
+
+
+def _framed(img: Image.Image, share_x: float, share_y: float, fill: tuple) -> Image.Image:
+    dx, dy = round(img.width * share_x), round(img.height * share_y)
+    return ImageOps.expand(img, border=(dx, dy, dx, dy), fill=fill)
+
+
+def test_padded_and_letterboxed_copies_join_their_original_not_each_other(hasher):
+    # Wide uniform borders used to own the low DCT frequencies: every padded image looked alike.
+    originals = [_render(5, i) for i in range(30)]
+    framed = {
+        "padded": [_framed(img, 0.1, 0.1, (0, 0, 0)) for img in originals],
+        "letterboxed": [_framed(img, 0.0, 0.3, (255, 255, 255)) for img in originals],
+        "pillarboxed": [_framed(img, 0.25, 0.0, (40, 40, 40)) for img in originals],
+    }
+    # Stored as JPEG: the borders ring a little and are decoded at a reduced DCT scale.
+    stored = [_encode(img) for img in originals] + [
+        _encode(img, "JPEG", quality=75) for copies in framed.values() for img in copies
+    ]
+    codes = hasher.codes(hash_features_batch(stored))
+    groups = pca_hash_groups(codes, HAMMING_RADIUS, np.ones(len(stored)), np.arange(len(stored)))
+    labels = groups.labels.reshape(1 + len(framed), len(originals))
+    assert len(set(labels[0].tolist())) == len(originals), "originals stay apart"
+    for k, kind in enumerate(framed, start=1):
+        assert (labels[k] == labels[0]).mean() >= 0.95, f"{kind} copies join their original"
+
+
+def test_border_trimming_leaves_unframed_and_flat_images_whole():
+    assert pca_hash._content_box(_render(6, 0).convert("L")) is None
+    assert pca_hash._content_box(Image.new("L", (300, 200), 17)) is None
+    # A strip of content on a uniform field is too little to describe alone: left whole.
+    strip = _framed(_render(6, 1), 0.0, 2.0, (0, 0, 0)).convert("L")
+    assert pca_hash._content_box(strip) is None
+    # Large images are probed reduced, then each edge is found again at full size: exactly.
+    big = _framed(_render(6, 2).resize((900, 600)), 0.1, 0.05, (0, 0, 0)).convert("L")
+    assert pca_hash._content_box(big) == (90, 30, 990, 630)
+    # A band on one side only is part of the picture (sky, ground), not a frame: the pillars
+    # are cut, the band is not.
+    banded = ImageOps.expand(big, border=(0, 0, 0, 200), fill=0)
+    assert pca_hash._content_box(banded) == (90, 0, 990, 860)
 
 
 def test_jpeg_bytes_hash_like_their_decoded_pixels(hasher):

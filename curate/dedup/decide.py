@@ -1,10 +1,22 @@
 """Dedup, second pass: from every image's hash features and copy descriptor, decide which
 images stay. Exact repeats, then PCA-hash near duplicates, then copies, then copies of
-evaluation images; each removed image names what it duplicates."""
+evaluation images; each removed image names what it duplicates.
 
+One task decides for the whole job (groups span shards), so it never holds the job's vectors:
+the feature shards are streamed one at a time, the hash pass keeps 8-16 bytes of code per image
+(the PCA basis is fitted on a seeded sample of `pca_sample` images), and the copy pass reads
+the survivors' float16 descriptors into a memory-mapped scratch file that the kNN graph reads
+block by block. What remains per image is its id, area and decision. The two searches can fan
+out (`map_tables`, `map_slices`): the multi-index tables and the query slices are independent
+units, and the decisions do not depend on how they are run.
+"""
+
+import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import pyarrow as pa
@@ -12,14 +24,21 @@ import pyarrow.parquet as pq
 
 from curate.dedup.features import list_matrix
 from curate.dedup.grouping import connected_components, representatives
-from curate.dedup.knn_graph import contamination, copy_edges
-from curate.dedup.pca_hash import HAMMING_RADIUS, PHASH_RADIUS, PCAHasher, near_duplicate_pairs
+from curate.dedup.knn_graph import MapSlices, contamination, copy_edges
+from curate.dedup.pca_hash import (
+    HAMMING_RADIUS,
+    PHASH_RADIUS,
+    MapTables,
+    PCAHasher,
+    near_duplicate_pairs,
+)
 from curate.shards import PartResult, ShardRef, shard_name, write_shard
 from schemas.job import DedupOptions
-from schemas.shards import DEDUP
+from schemas.shards import DEDUP, DEDUP_FEATURES
 
 STAGE = "dedup"
 PCA_BASIS = "pca_hash.npz"
+FIT_SEED = 0  # the PCA sample and the ITQ start: a re-run fits the same basis
 
 
 @dataclass
@@ -48,13 +67,80 @@ class Decisions:
         return np.array([lookup[i] for i in image_ids], dtype=np.int64)
 
 
-def _distinct_images(feature_shards: list[Path]) -> pa.Table:
-    table = pa.concat_tables([pq.read_table(path) for path in feature_shards])
-    table = table.sort_by([("part", "ascending"), ("item", "ascending")])
+class _Images(NamedTuple):
+    """The distinct images of a job in source order, and where each one's feature row is."""
+
+    table: pa.Table  # image_id, part, item, area
+    shard: np.ndarray  # int64: index of the feature shard holding the image's row
+    row: np.ndarray  # int64: the row within that shard
+
+
+_KEYS = ["image_id", "part", "item", "area"]
+
+
+def _distinct_images(feature_shards: list[Path]) -> _Images:
+    """Only the small columns are read here: the vectors are streamed shard by shard later."""
+    tables = []
+    for shard, path in enumerate(feature_shards):
+        table = pq.read_table(path, columns=_KEYS)
+        tables.append(
+            table.append_column(
+                "shard", pa.array(np.full(table.num_rows, shard, np.int64))
+            ).append_column("row", pa.array(np.arange(table.num_rows, dtype=np.int64)))
+        )
+    if not tables:
+        empty = DEDUP_FEATURES.empty_table().select(_KEYS)
+        return _Images(empty, np.zeros(0, np.int64), np.zeros(0, np.int64))
+    table = pa.concat_tables(tables).sort_by([("part", "ascending"), ("item", "ascending")])
     # An image stored in several ingest shards has a feature row in each: keep the first.
     ids = table.column("image_id").to_numpy(zero_copy_only=False)
     _, first = np.unique(ids, return_index=True)
-    return table.take(pa.array(np.sort(first)))
+    table = table.take(pa.array(np.sort(first)))
+    return _Images(
+        table.select(_KEYS), table.column("shard").to_numpy(), table.column("row").to_numpy()
+    )
+
+
+def _vectors_by_shard(
+    feature_shards: list[Path],
+    images: _Images,
+    wanted: np.ndarray,
+    column: str,
+    dtype: type,
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """(k, vectors of images wanted[k]) one feature shard at a time: memory holds one shard's
+    column, never the job's. Every wanted image is yielded once; shards without one are not read.
+    """
+    shard_of = images.shard[wanted]
+    by_shard = np.argsort(shard_of, kind="stable")
+    bounds = np.searchsorted(shard_of[by_shard], np.arange(len(feature_shards) + 1))
+    for shard, path in enumerate(feature_shards):
+        k = by_shard[bounds[shard] : bounds[shard + 1]]
+        if k.size == 0:
+            continue
+        values = pq.read_table(path, columns=[column]).column(0).take(images.row[wanted[k]])
+        if values.null_count:
+            raise ValueError(
+                f"{path} has images without {column} where other parts have it: the feature "
+                "shards were made with different settings (did CURATE_COPY_WEIGHTS change while "
+                "the job was resumed?)"
+            )
+        yield k, list_matrix(values, dtype)
+
+
+def _hash_features(
+    feature_shards: list[Path], images: _Images, wanted: np.ndarray
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    return _vectors_by_shard(feature_shards, images, wanted, "hash_features", np.float32)
+
+
+def _has_descriptors(feature_shards: list[Path]) -> bool:
+    """Whether the copy pass ran: all shards agree (checked while streaming), so one tells."""
+    for path in feature_shards:
+        column = pq.read_table(path, columns=["copy_descriptor"]).column(0)
+        if len(column):
+            return column.null_count < len(column)
+    return False
 
 
 def _occurrences(ingest_shards: list[Path], image_ids: np.ndarray) -> np.ndarray:
@@ -65,23 +151,74 @@ def _occurrences(ingest_shards: list[Path], image_ids: np.ndarray) -> np.ndarray
     return np.array([counts[i] for i in image_ids], dtype=np.int64)
 
 
-def _hash_codes(features: np.ndarray, options: DedupOptions, out_dir: Path) -> np.ndarray:
-    if options.hash == "phash":
-        return np.packbits(features > 0.5, axis=1)
+def _fitted_hasher(
+    feature_shards: list[Path], images: _Images, options: DedupOptions, dim: int
+) -> PCAHasher:
+    """The job's PCA basis, fitted on a seeded sample streamed from the shards: the same sample
+    and so the same basis as `PCAHasher.fit` on the whole feature matrix in source order."""
+    n = images.table.num_rows
     bits = options.hash_bits
-    if len(features) > 2 * bits:
-        hasher = PCAHasher.fit(
-            features,
-            bits=bits,
-            itq_iterations=options.itq_iterations,
-            seed=0,
-            sample_size=options.pca_sample,
-        )
-    else:
-        hasher = PCAHasher.dct_signs(features.shape[1], bits)
+    if n <= 2 * bits:
+        return PCAHasher.dct_signs(dim, bits)
+    sample = np.arange(n)
+    if n > options.pca_sample:
+        chosen = np.random.default_rng(FIT_SEED).choice(n, options.pca_sample, replace=False)
+        sample = np.sort(chosen)
+    features = np.empty((sample.size, dim), np.float32)
+    for k, vectors in _hash_features(feature_shards, images, sample):
+        features[k] = vectors
+    return PCAHasher.fit(
+        features,
+        bits=bits,
+        itq_iterations=options.itq_iterations,
+        seed=FIT_SEED,
+        sample_size=options.pca_sample,
+    )
+
+
+def _hash_codes(
+    feature_shards: list[Path], images: _Images, options: DedupOptions, out_dir: Path
+) -> np.ndarray:
+    """Packed hash codes of the distinct images, uint8 [N, bits // 8], streamed shard by shard:
+    8-16 bytes an image are held, not the 572-byte float features."""
+    n = images.table.num_rows
+    everyone = np.arange(n)
+    first = pq.read_table(feature_shards[images.shard[0]], columns=["hash_features"]).column(0)
+    dim = len(first[int(images.row[0])])
+    if options.hash == "phash":
+        codes = np.zeros((n, -(-dim // 8)), np.uint8)
+        for k, bits in _hash_features(feature_shards, images, everyone):
+            codes[k] = np.packbits(bits > 0.5, axis=1)
+        return codes
+    hasher = _fitted_hasher(feature_shards, images, options, dim)
     out_dir.mkdir(parents=True, exist_ok=True)
     hasher.save(out_dir / PCA_BASIS)
-    return hasher.codes(features)
+    codes = np.zeros((n, hasher.bits // 8), np.uint8)
+    for k, vectors in _hash_features(feature_shards, images, everyone):
+        codes[k] = hasher.codes(vectors)
+    return codes
+
+
+def _survivor_descriptors(
+    feature_shards: list[Path], images: _Images, survivors: np.ndarray, scratch: Path | None
+) -> np.ndarray:
+    """Copy descriptors of the images the hash pass kept, float16 [len(survivors), D], in an
+    unnamed file mapped into memory: the kNN graph reads it block by block, so the task's memory
+    holds the index, not 1 KiB an image; a killed task leaves no file behind."""
+    vectors = _vectors_by_shard(feature_shards, images, survivors, "copy_descriptor", np.float16)
+    descriptors: np.ndarray | None = None
+    for k, block in vectors:
+        if descriptors is None:
+            shape = (len(survivors), block.shape[1])
+            if scratch is None:
+                descriptors = np.empty(shape, np.float16)
+            else:
+                scratch.mkdir(parents=True, exist_ok=True)
+                backing = tempfile.TemporaryFile(dir=scratch)
+                descriptors = np.memmap(backing, dtype=np.float16, mode="w+", shape=shape)
+        descriptors[k] = block
+    assert descriptors is not None, "survivors exist, so some shard holds their descriptors"
+    return descriptors
 
 
 def _radius(options: DedupOptions) -> int:
@@ -104,12 +241,28 @@ def decide(
     options: DedupOptions,
     eval_sets: list[EvalSet],
     out_dir: Path,
+    *,
+    scratch: Path | None = None,
+    copy_background: np.ndarray | None = None,
+    background_beta: float = 1.0,
+    map_tables: MapTables | None = None,
+    map_slices: MapSlices | None = None,
+    slice_rows: int | None = None,
 ) -> Decisions:
-    """Every dedup decision of a job, from all of its feature shards at once."""
+    """Every dedup decision of a job, streaming its feature shards.
+
+    scratch: a local folder for the survivors' descriptors as a memory-mapped file (None: in
+    memory). copy_background: descriptors of unrelated images; when given, copy edges are
+    SSCD-normalised against them (cosine minus the pair's background level) and
+    `options.copy_threshold` applies to the normalised score. map_tables: how the PCA-hash
+    search runs its independent multi-index tables (`near_duplicate_pairs`); map_slices,
+    slice_rows: how the copy graph's query slices are searched (`copy_edges`): e.g. as Ray
+    tasks. Neither changes a decision.
+    """
     images = _distinct_images(feature_shards)
-    n = images.num_rows
-    ids = np.asarray(images.column("image_id").to_pylist(), dtype=object)
-    area = images.column("area").to_numpy()
+    n = images.table.num_rows
+    ids = np.asarray(images.table.column("image_id").to_pylist(), dtype=object)
+    area = images.table.column("area").to_numpy()
     order = np.arange(n)
     reason = np.full(n, None, dtype=object)
     duplicate_of = np.full(n, None, dtype=object)
@@ -119,24 +272,32 @@ def decide(
 
     if n:
         # Pass 1: near duplicates, by Hamming distance between hash codes.
-        features = list_matrix(images.column("hash_features"), np.float32)
-        codes = _hash_codes(features, options, out_dir)
-        left, right, _ = near_duplicate_pairs(codes, _radius(options))
+        codes = _hash_codes(feature_shards, images, options, out_dir)
+        left, right, _ = near_duplicate_pairs(codes, _radius(options), map_tables=map_tables)
         group = representatives(connected_components(n, left, right), area, order)
         hashed = group != order
         reason[hashed] = "pca_hash"
         distance = _hamming(codes, order[hashed], group[hashed])
         similarity[hashed] = 1 - distance / (codes.shape[1] * 8)
         metrics["hash_pairs"] = int(len(left))
+        del codes
 
-    descriptors = list_matrix(images.column("copy_descriptor"), np.float16) if n else None
-    if descriptors is None:
+    if not (n and _has_descriptors(feature_shards)):
         metrics["copy_detection"] = "skipped: no copy-descriptor weights"
     else:
         # Pass 2: copies among what the hash kept, by cosine between copy descriptors.
         survivors = np.flatnonzero(_unset(reason))
+        descriptors = _survivor_descriptors(feature_shards, images, survivors, scratch)
+        rank = np.full(n, -1, np.int64)  # image -> its row in `descriptors`
+        rank[survivors] = np.arange(survivors.size)
         left, right, _ = copy_edges(
-            descriptors[survivors], k=options.copy_k, threshold=options.copy_threshold
+            descriptors,
+            k=options.copy_k,
+            threshold=options.copy_threshold,
+            background=copy_background,
+            beta=background_beta,
+            map_slices=map_slices,
+            slice_rows=slice_rows,
         )
         local = representatives(
             connected_components(len(survivors), left, right), area[survivors], survivors
@@ -147,8 +308,8 @@ def decide(
         reason[copied] = "copy"
         similarity[copied] = np.einsum(
             "ij,ij->i",
-            descriptors[copied].astype(np.float32),
-            descriptors[group[copied]].astype(np.float32),
+            descriptors[rank[copied]].astype(np.float32),
+            descriptors[rank[group[copied]]].astype(np.float32),
         )
         metrics["copy_edges"] = int(len(left))
 
@@ -156,7 +317,7 @@ def decide(
         for eval_set in eval_sets:
             kept = np.flatnonzero(_unset(reason))
             crawl, evaluation, sims = contamination(
-                descriptors[kept],
+                descriptors[rank[kept]],
                 eval_set.descriptors,
                 threshold=options.eval_threshold,
                 k=options.copy_k,
@@ -177,8 +338,8 @@ def decide(
     metrics["kept"] = int(_unset(reason).sum())
     return Decisions(
         image_ids=ids,
-        first_part=images.column("part").to_numpy(),
-        first_item=images.column("item").to_numpy(),
+        first_part=images.table.column("part").to_numpy(),
+        first_item=images.table.column("item").to_numpy(),
         occurrences=occurrences,
         reason=reason,
         duplicate_of=duplicate_of,

@@ -6,11 +6,20 @@ the index plus one block, and IVF-PQ candidates are re-scored with exact cosine 
 float16 descriptors, so every threshold applies to true cosine, never to a PQ estimate.
 
 Descriptors are unit-norm rows (float16 or float32), so inner product = cosine.
+
+Scale. The query side shards today: `copy_edges(map_slices=...)` cuts the queries into slices
+searched anywhere (`SliceSearch` pickles with its index, so Ray tasks share one copy of it in
+the object store), each slice's edges depend on its rows alone, and the union is deduplicated
+once. The index side is one IVF-PQ index: 64-byte codes, ~80 GB for 1.2B images, beyond one
+worker. The next step is database shards: one coarse quantizer and PQ trained once on a sample,
+the rows added to S shard indexes (faiss IndexShards, or one per worker), each query searching
+every shard for its k and keeping the best k overall, which is the same top-k as one index
+(the re-scoring on exact cosine already makes scores comparable across shards).
 """
 
 import logging
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import faiss
@@ -292,6 +301,40 @@ def background_offsets(
     return -normalize_scores(np.zeros(len(descriptors), np.float32), nearest, beta, ranks)
 
 
+# map_slices(search, slices) -> [search(start, stop) for start, stop in slices], in any order
+# and anywhere: `search` pickles (the index with it), so Ray tasks can share one copy of it.
+MapSlices = Callable[[Callable[[int, int], Edges], list[tuple[int, int]]], Iterable[Edges]]
+
+
+@dataclass(frozen=True)
+class SliceSearch:
+    """The kNN search of one slice of the indexed rows against all of them: a unit of work
+    that can run on any worker holding the index (see `MapSlices`)."""
+
+    index: CopyIndex
+    k: int
+    threshold: float
+    block: int
+    score_offsets: np.ndarray | None
+    rerank_margin: float
+
+    def __call__(self, start: int, stop: int) -> Edges:
+        return knn_edges(
+            self.index,
+            self.index.descriptors[start:stop],
+            self.k,
+            self.threshold,
+            self.block,
+            offset=start,
+            score_offsets=self.score_offsets,
+            rerank_margin=self.rerank_margin,
+        )
+
+
+def _in_process(search: Callable[[int, int], Edges], slices: list[tuple[int, int]]) -> list:
+    return [search(start, stop) for start, stop in slices]
+
+
 def copy_edges(
     descriptors: np.ndarray,
     k: int = 64,
@@ -301,26 +344,28 @@ def copy_edges(
     background: np.ndarray | None = None,
     beta: float = 1.0,
     rerank_margin: float = RERANK_MARGIN,
+    map_slices: MapSlices | None = None,
+    slice_rows: int | None = None,
     **index_opts,
 ) -> Edges:
     """Copy edges of a descriptor set with itself: build_index + knn_edges.
 
     background: descriptors of unrelated images; when given, scores are SSCD-normalised
     against it (see `knn_edges`) and `threshold` must be chosen for normalised scores.
+    map_slices, slice_rows: the queries are cut into slices of `slice_rows` rows (default: one
+    slice) searched by `map_slices` (default: here, in order); every query's edges depend on
+    that query alone, so the edges are the same however the slices are cut and run.
     """
     index = build_index(descriptors, block=block, **index_opts)
     offsets = None
     if background is not None:
         offsets = background_offsets(descriptors, background, beta, block=block, **index_opts)
-    return knn_edges(
-        index,
-        descriptors,
-        k,
-        threshold,
-        block,
-        score_offsets=offsets,
-        rerank_margin=rerank_margin,
-    )
+    search = SliceSearch(index, k, threshold, block, offsets, rerank_margin)
+    n = len(descriptors)
+    step = max(1, slice_rows or n)
+    slices = [(start, min(start + step, n)) for start in range(0, n, step)]
+    found = list((map_slices or _in_process)(search, slices))
+    return _dedup_pairs(*_concat(found), index.ntotal)
 
 
 def cross_edges(
