@@ -8,8 +8,15 @@ DEMO_DIR ?= $(CURATE_DATA_ROOT)/demo-corpus
 SOURCE ?=
 SEEDS ?=
 JOB ?=
+RECIPE ?=
+# The demo's seed set exercises every retrieval policy on the demo corpus's seed images.
+DEMO_POLICY ?= as-is+knn:4+cluster:25+balanced:200
 
-.PHONY: curate demo test lint bench clean
+TRAIN_DIR ?= $(CURATE_DATA_ROOT)/train-demo
+TRAIN_STEPS ?= 400
+TRAIN_MINUTES ?= 9
+
+.PHONY: curate demo train test lint bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -18,18 +25,28 @@ $(STAMP): pyproject.toml
 	touch $@
 
 curate: $(STAMP)
-ifneq ($(SEEDS),)
-	$(error SEEDS: seed-set retrieval is not built yet; this version runs the ingest stage)
-endif
 ifeq ($(SOURCE),)
 	$(BIN)/curate demo $(DEMO_DIR)
-	$(BIN)/curate run --source $(DEMO_DIR)/crawl --job $(or $(JOB),demo)
+	$(BIN)/curate seeds add demo $(DEMO_DIR)/seeds/demo --policy $(DEMO_POLICY)
+	$(BIN)/curate run --recipe $(or $(RECIPE),demo) --source $(DEMO_DIR)/crawl \
+		--seeds $(or $(SEEDS),demo) --job $(or $(JOB),demo)
 else
-	$(BIN)/curate run --source '$(SOURCE)' $(if $(JOB),--job $(JOB))
+	$(BIN)/curate run --source '$(SOURCE)' $(if $(SEEDS),--seeds $(SEEDS)) \
+		$(if $(RECIPE),--recipe $(RECIPE)) $(if $(JOB),--job $(JOB))
 endif
 
 demo: $(STAMP)
 	$(BIN)/curate demo $(DEMO_DIR)
+
+# The trainer on the demo corpus's labelled originals, with k-NN accuracy along the way: a ViT-Ti
+# for a bounded time on CPU (torchrun -m curate.train.cli ... for several processes or GPUs).
+train: $(STAMP)
+	$(BIN)/curate demo $(DEMO_DIR)
+	$(BIN)/curate train demo-data $(DEMO_DIR) $(TRAIN_DIR)/data
+	rm -rf $(TRAIN_DIR)/run
+	$(BIN)/curate train run --data $(TRAIN_DIR)/data/shards --out $(TRAIN_DIR)/run \
+		--preset small --arch vit_tiny_patch16_224 --steps $(TRAIN_STEPS) \
+		--time-limit $(TRAIN_MINUTES) --knn-folder $(TRAIN_DIR)/data/knn
 
 test: $(STAMP)
 	$(BIN)/python -m pytest
@@ -41,6 +58,10 @@ lint: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python bench/ingest.py
 	$(BIN)/python bench/dedup.py
+	$(BIN)/python bench/embed.py
+	$(BIN)/python bench/index.py
+	$(BIN)/python bench/pipeline.py
+	$(BIN)/python bench/train.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache

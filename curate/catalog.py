@@ -18,6 +18,7 @@ import duckdb
 from curate.shards import PartResult, ShardRef
 from schemas.catalog import CATALOG_DDL, STAGE_VIEWS
 from schemas.job import JobSpec
+from schemas.shards import ERRORS
 
 
 class CatalogError(RuntimeError):
@@ -39,6 +40,16 @@ def _now() -> datetime:
 def _is_lock_conflict(error: Exception) -> bool:
     text = str(error).lower()
     return "lock" in text and ("conflict" in text or "could not set" in text)
+
+
+_EMPTY_ERRORS = (
+    "(SELECT "
+    + ", ".join(
+        f"CAST(NULL AS {'INTEGER' if str(f.type) == 'int32' else 'VARCHAR'}) AS {f.name}"
+        for f in ERRORS
+    )
+    + " LIMIT 0)"
+)
 
 
 def _quote(name: str) -> str:
@@ -267,6 +278,38 @@ class Catalog:
             rows = con.execute("SELECT name, location FROM eval_sets ORDER BY name").fetchall()
         return dict(rows)
 
+    # -- seed sets ----------------------------------------------------------------------------
+
+    def add_seed_set(
+        self, name: str, location: str, policy: str, cap: int | None, replace: bool = False
+    ) -> None:
+        with self._transaction() as con:
+            row = con.execute(
+                "SELECT location, policy, cap FROM seed_sets WHERE name = ?", [name]
+            ).fetchone()
+            if row is not None and tuple(row) == (location, policy, cap):
+                return  # the same registration again: its caches stay valid
+            if row is not None and not replace:
+                raise CatalogError(
+                    f"seed set {name!r} is registered at {row[0]} with policy {row[1]}; "
+                    "add --replace to change it"
+                )
+            con.execute(
+                "INSERT OR REPLACE INTO seed_sets VALUES (?, ?, ?, ?, ?)",
+                [name, location, policy, cap, _now()],
+            )
+
+    def seed_sets(self) -> dict[str, dict[str, Any]]:
+        """Registered seed sets: name -> {location, policy, cap, created_at}."""
+        with self._transaction() as con:
+            rows = con.execute(
+                "SELECT name, location, policy, cap, created_at FROM seed_sets ORDER BY name"
+            ).fetchall()
+        return {
+            name: {"location": loc, "policy": pol, "cap": cap, "created_at": at.isoformat()}
+            for name, loc, pol, cap, at in rows
+        }
+
     # -- views --------------------------------------------------------------------------------
 
     def refresh_views(self, job_id: str) -> None:
@@ -286,6 +329,9 @@ class Catalog:
                     kind: f"read_parquet({_sql_list(paths)}, union_by_name = true)"
                     for kind, paths in kinds.items()
                 }
+                # A stage without errors writes no errors shards; its errors view is then empty.
+                if "errors" not in sources:
+                    sources["errors"] = _EMPTY_ERRORS
                 for view, template in STAGE_VIEWS.get(stage, {}).items():
                     con.execute(
                         f"CREATE OR REPLACE VIEW {schema}.{_quote(view)} AS "

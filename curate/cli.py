@@ -15,6 +15,7 @@ from pydantic import ValidationError
 
 from curate.catalog import Catalog, CatalogError
 from curate.settings import Settings
+from curate.train.cli import add_train_parser
 from schemas.job import STAGES, SpecError, describe_validation_error, parse_job_spec
 
 EXIT_FAILED = 1
@@ -57,40 +58,82 @@ def _spec_from_args(args: argparse.Namespace) -> dict[str, Any]:
     if ingest:
         spec["ingest"] = ingest
     if args.eval_sets:
-        spec["eval_sets"] = [name.strip() for name in args.eval_sets.split(",") if name.strip()]
+        spec["eval_sets"] = _names(args.eval_sets)
+    if args.seeds:
+        spec["seeds"] = _names(args.seeds)
     dedup = _given(
-        hash=args.hash, hamming_radius=args.hamming_radius, copy_threshold=args.copy_threshold
+        hash=args.hash,
+        hamming_radius=args.hamming_radius,
+        copy_threshold=args.copy_threshold,
+        copy_background=args.copy_background,
     )
     if dedup:
         spec["dedup"] = dedup
+    for group, values in {
+        "embed": _given(arch=args.arch, batch_size=args.batch_size),
+        "cluster": _given(n_clusters=args.n_clusters),
+        "curated": _given(target_size=args.target_size),
+    }.items():
+        if values:
+            spec[group] = values
     return spec
+
+
+def _names(text: str) -> list[str]:
+    return [name.strip() for name in text.split(",") if name.strip()]
 
 
 def cmd_run(args: argparse.Namespace) -> int:
     settings = _settings()
+    from pipelines.recipes import RecipeError, load_recipe, merge
+
     try:
-        spec = parse_job_spec(_spec_from_args(args))
-    except SpecError as error:
+        recipe = load_recipe(args.recipe) if args.recipe else {}
+        spec = parse_job_spec(merge(recipe, _spec_from_args(args)))
+    except (SpecError, RecipeError) as error:
         raise UsageError(str(error)) from None
     # Imported only now: the stages bring torch and Ray, seconds a bad flag need not wait.
     from curate.dedup.copy_detection import CopyWeightsError
     from curate.ingest.sources import SourceError
+    from curate.models import WeightsError
+    from curate.seeds import SeedSetError
     from pipelines.eval_sets import EvalSetError
     from pipelines.job import run_job
     from pipelines.runner import StageFailed
 
     try:
         report = run_job(spec, settings, log=lambda m: print(m, file=sys.stderr))
-    except (SourceError, CatalogError, EvalSetError, CopyWeightsError) as error:
+    except (
+        SourceError,
+        CatalogError,
+        EvalSetError,
+        CopyWeightsError,
+        SeedSetError,
+        WeightsError,
+    ) as error:
         raise UsageError(str(error)) from None
     except StageFailed as error:
         print(f"curate: job failed: {error}", file=sys.stderr)
         return EXIT_FAILED
     _print_report(report, sys.stdout)
-    job = report["job_id"]
-    print(f"\nshards: {settings.job_dir(job)}")
-    print(f"query:  curate sql 'SELECT reason, count(*) FROM \"{job}\".ingest_errors GROUP BY 1'")
+    _print_next_steps(report, settings)
     return 0
+
+
+def _print_next_steps(report: dict[str, Any], settings: Settings) -> None:
+    job = report["job_id"]
+    job_dir = settings.job_dir(job)
+    print(f"\nshards:   {job_dir}")
+    if any(s["stage"] == "curated" and s["status"] == "done" for s in report["stages"]):
+        print(f"curated:  {job_dir / 'curated'}  (dataset card: {job_dir / 'README.md'})")
+        print(
+            f'browse:   curate sql \'SELECT seed_set, method, count(*) FROM "{job}".curated '
+            "GROUP BY ALL'"
+        )
+        print(f"train:    curate train run --data {job} --out {job_dir / 'train'}")
+        print(f"export:   curate export webdataset {job} {job_dir / 'webdataset'}")
+    else:
+        print(f"query:    curate sql 'SELECT reason, count(*) FROM \"{job}\".dedup GROUP BY 1'")
 
 
 # -- jobs ---------------------------------------------------------------------------------------
@@ -178,6 +221,102 @@ def cmd_eval_sets_list(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- seed sets ----------------------------------------------------------------------------------
+
+
+def cmd_seeds_add(args: argparse.Namespace) -> int:
+    from curate.ingest.sources import SourceError, detect_source
+    from curate.seeds import SeedSetError, registration
+
+    try:
+        location, policy, cap = registration(args.name, args.location, args.policy, args.cap)
+        source = detect_source(location)
+        _catalog(_settings()).add_seed_set(args.name, location, policy, cap, replace=args.replace)
+    except (SeedSetError, SourceError, CatalogError) as error:
+        raise UsageError(str(error)) from None
+    capped = f", cap {cap:,}" if cap else ""
+    print(f"seed set {args.name}: {source.description} at {location}, policy {policy}{capped}")
+    return 0
+
+
+def _seed_rows(settings: Settings) -> list[dict[str, Any]]:
+    """Registered sets, then the presets nobody registered yet."""
+    from curate.seeds import PRESETS
+
+    registered = _catalog(settings).seed_sets()
+    rows = [{"name": n, **e, "preset": n in PRESETS} for n, e in registered.items()]
+    for name, preset in PRESETS.items():
+        if name not in registered:
+            rows.append(
+                {
+                    "name": name,
+                    "location": None,
+                    "policy": preset.policy,
+                    "cap": preset.cap,
+                    "preset": True,
+                    "description": preset.description,
+                }
+            )
+    return rows
+
+
+def cmd_seeds_list(args: argparse.Namespace) -> int:
+    rows = _seed_rows(_settings())
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    print(f"{'seed set':<16}{'policy':<22}{'cap':>10}  location")
+    for row in rows:
+        cap = f"{row['cap']:,}" if row["cap"] else "-"
+        where = row["location"] or "(preset; register: curate seeds add NAME PATH)"
+        print(f"{row['name']:<16}{row['policy']:<22}{cap:>10}  {where}")
+    return 0
+
+
+def cmd_seeds_show(args: argparse.Namespace) -> int:
+    rows = {row["name"]: row for row in _seed_rows(_settings())}
+    if args.name not in rows:
+        raise UsageError(
+            f"unknown seed set {args.name!r}; register it with: curate seeds add {args.name} "
+            "LOCATION --policy POLICY"
+        )
+    row = rows[args.name]
+    if args.json:
+        print(json.dumps(row, indent=2))
+    else:
+        for key, value in row.items():
+            print(f"{key:<12}{value}")
+    return 0
+
+
+# -- export -------------------------------------------------------------------------------------
+
+
+def cmd_export_webdataset(args: argparse.Namespace) -> int:
+    settings = _settings()
+    catalog = _catalog(settings)
+    try:
+        catalog.job_spec(args.job_id)
+    except CatalogError as error:
+        raise UsageError(str(error)) from None
+    if args.samples_per_tar < 1:
+        raise UsageError(f"--samples-per-tar must be at least 1, got {args.samples_per_tar}")
+    curated = catalog.shard_paths(args.job_id, "curated")
+    if not curated:
+        raise UsageError(
+            f"job {args.job_id!r} has no curated shards yet: run it to the end with --seeds"
+        )
+    from curate.export import export_webdataset
+
+    tars = export_webdataset(
+        curated, Path(args.out), samples_per_tar=args.samples_per_tar, progress=settings.progress
+    )
+    print(
+        f"{len(tars)} WebDataset tars in {args.out}: {args.out}/{{000000..{len(tars) - 1:06d}}}.tar"
+    )
+    return 0
+
+
 # -- demo and sql -------------------------------------------------------------------------------
 
 
@@ -234,7 +373,44 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--hash", choices=["pca", "phash"], help="near-duplicate hash (default pca)")
     run.add_argument("--hamming-radius", type=int, help="near-duplicate Hamming radius")
     run.add_argument("--copy-threshold", type=float, help="copy cosine threshold (default 0.6)")
+    run.add_argument(
+        "--copy-background", help="registered image set to normalise copy scores against (SSCD)"
+    )
+    run.add_argument("--seeds", help="registered seed sets to retrieve for: a,b")
+    run.add_argument("--recipe", help="a built-in recipe (demo, lvd) or a recipe .yaml file")
+    run.add_argument("--arch", help="timm architecture of the embedder (default ViT-H/14)")
+    run.add_argument("--batch-size", type=int, help="embedding batch size")
+    run.add_argument("--n-clusters", type=int, help="k-means clusters (default: from the size)")
+    run.add_argument("--target-size", type=int, help="sample the curated set down to this size")
     run.set_defaults(func=cmd_run)
+
+    seeds = commands.add_parser("seeds", help="seed sets to retrieve crawl images for")
+    seed_commands = seeds.add_subparsers(
+        dest="seeds_command", required=True, metavar="add|list|show"
+    )
+    seeds_add = seed_commands.add_parser("add", help="register a set (or a preset's location)")
+    seeds_add.add_argument("name")
+    seeds_add.add_argument("location", help="folder, glob, URL list, .tar or .parquet")
+    seeds_add.add_argument("--policy", help="as-is, knn:K, cluster:M, balanced:N joined by +")
+    seeds_add.add_argument("--cap", type=int, help="most crawl images each policy step may pull")
+    seeds_add.add_argument("--replace", action="store_true", help="change a registered set")
+    seeds_add.set_defaults(func=cmd_seeds_add)
+    seeds_list = seed_commands.add_parser("list", help="registered sets and presets")
+    seeds_list.add_argument("--json", action="store_true")
+    seeds_list.set_defaults(func=cmd_seeds_list)
+    seeds_show = seed_commands.add_parser("show", help="one set")
+    seeds_show.add_argument("name")
+    seeds_show.add_argument("--json", action="store_true")
+    seeds_show.set_defaults(func=cmd_seeds_show)
+
+    export = commands.add_parser("export", help="export a curated dataset").add_subparsers(
+        dest="export_command", required=True, metavar="webdataset"
+    )
+    webdataset = export.add_parser("webdataset", help="WebDataset tars of the curated shards")
+    webdataset.add_argument("job_id")
+    webdataset.add_argument("out")
+    webdataset.add_argument("--samples-per-tar", type=int, default=10_000)
+    webdataset.set_defaults(func=cmd_export_webdataset)
 
     eval_sets = commands.add_parser("eval-sets", help="evaluation sets for decontamination")
     eval_commands = eval_sets.add_subparsers(dest="eval_command", required=True, metavar="add|list")
@@ -262,6 +438,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--count", type=int, default=2000)
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(func=cmd_demo)
+
+    add_train_parser(commands)
 
     sql = commands.add_parser("sql", help="SQL over the catalog and each job's stage views")
     sql.add_argument("query", help="e.g. 'SELECT count(*) FROM \"demo\".ingest'")

@@ -46,6 +46,9 @@ class Settings(BaseSettings):
         None, description="SSCD-style copy-descriptor checkpoint (TorchScript or state dict)"
     )
     copy_arch: str = Field("resnet50", description="trunk of a state-dict or random copy model")
+    embed_weights: Path | None = Field(
+        None, description="embedding model checkpoint for the job's embed.arch (see README)"
+    )
     allow_random_weights: bool = Field(
         False, description="run models without weights (tests, demo): their output means nothing"
     )

@@ -55,24 +55,49 @@ def _writer_options(schema: pa.Schema) -> dict:
 
 
 def write_shard(table: pa.Table, path: Path) -> ShardInfo:
-    """Write `table` to `path` through a temporary file and an atomic rename.
+    """Write `table` to `path` through a temporary file and an atomic rename."""
+    with ShardWriter(path, table.schema) as writer:
+        writer.write(table)
+    return writer.info
+
+
+class ShardWriter:
+    """A shard written piece by piece, whole or not at all: memory is one piece.
 
     A crash leaves at most a dot-prefixed temporary file, never a partial shard. The temporary
     name is unique, so a worker left over from a killed run cannot collide with its re-run.
+    `info` is set once the `with` block has ended without an error.
     """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        pq.write_table(table, tmp, row_group_size=_ROW_GROUP_ROWS, **_writer_options(table.schema))
-        with open(tmp, "rb+") as handle:
-            os.fsync(handle.fileno())
-        checksum = file_sha256(tmp)
-        size = tmp.stat().st_size
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return ShardInfo(path=path, rows=table.num_rows, bytes=size, checksum=checksum)
+
+    def __init__(self, path: Path, schema: pa.Schema) -> None:
+        self.path = path
+        self.schema = schema
+        self.rows = 0
+        self.info: ShardInfo | None = None
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+        self._writer = pq.ParquetWriter(self._tmp, schema, **_writer_options(schema))
+
+    def write(self, table: pa.Table) -> None:
+        self._writer.write_table(table, row_group_size=_ROW_GROUP_ROWS)
+        self.rows += table.num_rows
+
+    def __enter__(self) -> "ShardWriter":
+        return self
+
+    def __exit__(self, kind, error, trace) -> None:
+        try:
+            self._writer.close()
+            if error is not None:
+                return
+            with open(self._tmp, "rb+") as handle:
+                os.fsync(handle.fileno())
+            checksum = file_sha256(self._tmp)
+            size = self._tmp.stat().st_size
+            os.replace(self._tmp, self.path)
+            self.info = ShardInfo(path=self.path, rows=self.rows, bytes=size, checksum=checksum)
+        finally:
+            self._tmp.unlink(missing_ok=True)
 
 
 @dataclass(frozen=True)

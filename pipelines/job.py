@@ -5,10 +5,12 @@ from datetime import datetime
 
 from curate.catalog import Catalog
 from curate.ingest.sources import detect_source
+from curate.models import check_spec
 from curate.settings import Settings
 from pipelines.eval_sets import check_eval_sets
 from pipelines.runner import init_ray
-from pipelines.stages import STAGE_RUNNERS, JobContext, copy_model_of
+from pipelines.seeds import check_seed_sets
+from pipelines.stages import STAGE_RUNNERS, JobContext, copy_model_of, embed_model_of
 from schemas.job import JobSpec
 
 
@@ -24,7 +26,12 @@ def run_job(spec: JobSpec, settings: Settings, log=print) -> dict:
     source = detect_source(spec.source, spec.ingest.url_column)
     catalog = Catalog(settings.catalog_file, settings.data_root)
     if "dedup" in spec.stages():
-        check_eval_sets(spec.eval_sets, catalog, copy_model_of(settings))
+        background = [spec.dedup.copy_background] if spec.dedup.copy_background else []
+        check_eval_sets(spec.eval_sets + background, catalog, copy_model_of(settings))
+    if "retrieve" in spec.stages():
+        check_seed_sets(spec.seeds, catalog)
+    if "embed" in spec.stages():
+        check_spec(embed_model_of(settings, spec))
     resumed = catalog.open_job(spec)
     log(f"{'resuming' if resumed else 'starting'} job {spec.job_id}: {source.description}")
     catalog.set_job_status(spec.job_id, "running")

@@ -41,6 +41,30 @@ def init_ray(settings: Settings) -> None:
         )
 
 
+class PartProgress:
+    """A stage's progress bar in parts, with the rows and error rows of the parts committed."""
+
+    def __init__(self, label: str, total: int | None, initial: int, enabled: bool) -> None:
+        self.rows_out = self.errors = 0
+        self._bar = tqdm(
+            total=total,
+            initial=initial,
+            desc=label,
+            unit="part",
+            disable=not enabled,
+            dynamic_ncols=True,
+        )
+
+    def committed(self, result: PartResult) -> None:
+        self.rows_out += result.rows_out
+        self.errors += result.errors
+        self._bar.update(1)
+        self._bar.set_postfix(rows=self.rows_out, errors=self.errors, refresh=False)
+
+    def close(self) -> None:
+        self._bar.close()
+
+
 def run_parts(
     catalog: Catalog,
     job_id: str,
@@ -55,7 +79,35 @@ def run_parts(
     num_cpus: float = 1,
 ) -> None:
     """Run `work(part, *work_args)` on Ray for every part not yet committed, committing each."""
-    committed = catalog.committed_parts(job_id, stage)
+    map_parts(
+        parts,
+        work,
+        work_args,
+        done=catalog.committed_parts(job_id, stage),
+        commit=lambda result: catalog.commit_part(job_id, stage, result),
+        label=stage,
+        parts_total=parts_total,
+        progress=progress,
+        describe=describe,
+        num_cpus=num_cpus,
+    )
+
+
+def map_parts(
+    parts: Iterable[Part],
+    work: Callable[..., PartResult],
+    work_args: tuple[Any, ...],
+    *,
+    done: set[int],
+    commit: Callable[[PartResult], None],
+    label: str,
+    parts_total: int | None,
+    progress: bool,
+    describe: Callable[[Any], str] = str,
+    num_cpus: float = 1,
+) -> None:
+    """Run `work(part, *work_args)` on Ray for every part not in `done`; `commit` each result
+    in the driver as it arrives. A failed part raises StageFailed naming it."""
     # Ray re-runs a part whose worker died (OOM, lost node); an exception raised by our own code
     # is a bug or an unreadable source and stops the stage instead.
     remote = ray.remote(num_cpus=num_cpus, max_retries=3)(work)
@@ -64,17 +116,9 @@ def run_parts(
     slots = max(1, int(ray.cluster_resources().get("CPU", 1) // num_cpus))
     window = 2 * slots
     shared_args = [ray.put(arg) for arg in work_args]
-    todo = (part for part in parts if part.index not in committed)
+    todo = (part for part in parts if part.index not in done)
     pending: dict[ray.ObjectRef, Part] = {}
-    rows_out = errors = 0
-    bar = tqdm(
-        total=parts_total,
-        initial=len(committed),
-        desc=stage,
-        unit="part",
-        disable=not progress,
-        dynamic_ncols=True,
-    )
+    bar = PartProgress(label, parts_total, len(done), progress)
 
     def fill() -> None:
         while len(pending) < window and (part := next(todo, None)) is not None:
@@ -90,15 +134,27 @@ def run_parts(
             except ray.exceptions.RayTaskError as error:
                 cause = error.cause if error.cause is not None else error
                 raise StageFailed(
-                    f"{stage} failed on {describe(part)}: {type(cause).__name__}: {cause}"
+                    f"{label} failed on {describe(part)}: {type(cause).__name__}: {cause}"
                 ) from None
-            catalog.commit_part(job_id, stage, result)
-            rows_out += result.rows_out
-            errors += result.errors
-            bar.update(1)
-            bar.set_postfix(rows=rows_out, errors=errors, refresh=False)
+            commit(result)
+            bar.committed(result)
             fill()
     finally:
         for ref in pending:
             ray.cancel(ref)
         bar.close()
+
+
+def run_task(
+    label: str,
+    work: Callable[..., Any],
+    *args: Any,
+    resources: dict[str, float] | None = None,
+    **kwargs: Any,
+) -> Any:
+    """Run `work(*args, **kwargs)` as one Ray task; its failure is a StageFailed naming `label`."""
+    try:
+        return ray.get(ray.remote(**(resources or {"num_cpus": 1}))(work).remote(*args, **kwargs))
+    except ray.exceptions.RayTaskError as error:
+        cause = error.cause if error.cause is not None else error
+        raise StageFailed(f"{label} failed: {type(cause).__name__}: {cause}") from None

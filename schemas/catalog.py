@@ -51,6 +51,14 @@ CREATE TABLE IF NOT EXISTS eval_sets (
     location    VARCHAR NOT NULL,          -- folder, glob, URL list, .tar or .parquet
     created_at  TIMESTAMP NOT NULL
 );
+-- Seed sets whose look-alikes are retrieved from crawls, by name (curate.seeds).
+CREATE TABLE IF NOT EXISTS seed_sets (
+    name        VARCHAR PRIMARY KEY,
+    location    VARCHAR NOT NULL,          -- folder, glob, URL list, .tar or .parquet
+    policy      VARCHAR NOT NULL,          -- e.g. as-is+knn:4, cluster:10000
+    cap         BIGINT,                    -- most crawl images per policy step; NULL: no cap
+    created_at  TIMESTAMP NOT NULL
+);
 CREATE TABLE IF NOT EXISTS error_counts (
     job_id  VARCHAR NOT NULL,
     stage   VARCHAR NOT NULL,
@@ -83,4 +91,18 @@ STAGE_VIEWS: dict[str, dict[str, str]] = {
         # One row per ingest occurrence: keep, or the reason it goes and what it duplicates.
         "dedup": "SELECT * FROM {data}",
     },
+    "embed": {
+        "embed": "SELECT * FROM {data}",
+        "embed_errors": "SELECT * FROM {errors}",
+    },
+    "cluster": {
+        "cluster": "SELECT * FROM {data}",
+        "cluster_sizes": (
+            "SELECT cluster_id, count(*) AS images FROM {data} GROUP BY cluster_id "
+            "ORDER BY images DESC"
+        ),
+    },
+    "retrieve": {"retrieve": "SELECT * FROM {data}"},
+    # The image bytes stay out of the view: browsing provenance should not read megabytes.
+    "curated": {"curated": "SELECT * EXCLUDE (image) FROM {data}"},
 }

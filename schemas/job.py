@@ -4,11 +4,20 @@ parse into."""
 import re
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
-# Stages in pipeline order. A stage joins this tuple when it exists.
-STAGES: tuple[str, ...] = ("ingest", "dedup")
-Stage = Literal["ingest", "dedup"]
+# Stages in pipeline order.
+STAGES: tuple[str, ...] = ("ingest", "dedup", "embed", "cluster", "retrieve", "curated")
+Stage = Literal["ingest", "dedup", "embed", "cluster", "retrieve", "curated"]
+# Stages that only make sense with seed sets to retrieve for.
+SEEDED_STAGES = ("retrieve", "curated")
 NAME_PATTERN = r"^[a-z0-9][a-z0-9_.-]{0,62}$"
 
 JOB_ID_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,62}$"
@@ -47,9 +56,75 @@ class DedupOptions(BaseModel):
     itq_iterations: int = Field(50, ge=0, description="ITQ rotation steps after PCA (0: none)")
     pca_sample: int = Field(100_000, ge=100, description="images the PCA basis is fitted on")
     copy_k: int = Field(64, ge=1, le=2048, description="neighbours searched per image")
-    copy_threshold: float = Field(0.6, gt=0, lt=1, description="cosine above which a copy")
+    # Normalised scores (with copy_background) sit around 0, so the threshold may be negative.
+    copy_threshold: float = Field(0.6, gt=-1, lt=1, description="cosine above which a copy")
     eval_threshold: float = Field(0.45, gt=0, lt=1, description="cosine to an eval image")
     copy_batch_size: int = Field(32, ge=1)
+    copy_background: str | None = Field(
+        None,
+        pattern=NAME_PATTERN,
+        description="a registered image set for SSCD score normalisation (eval-sets add)",
+    )
+    background_beta: float = Field(1.0, gt=0, description="SSCD normalisation weight")
+
+
+class EmbedOptions(BaseModel):
+    """The embedding model and how it runs. The weights file is a machine setting
+    (CURATE_EMBED_WEIGHTS); its fingerprint is recorded with the stage."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    # DINOv2 curated LVD-142M with a self-supervised ViT-H; timm names the architecture.
+    arch: str = Field("vit_huge_patch14_224", min_length=1, description="timm architecture")
+    image_size: int = Field(224, ge=16, le=1024, description="centre-crop side fed to the model")
+    batch_size: int = Field(64, ge=1, le=4096)
+    compile: bool = Field(False, description="torch.compile the model (GPU runs)")
+    random_weights: bool = Field(
+        False, description="run without CURATE_EMBED_WEIGHTS (demo, tests): meaningless retrieval"
+    )
+
+
+class ClusterOptions(BaseModel):
+    """Spherical k-means of the embedded crawl."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    n_clusters: int | None = Field(
+        None, ge=1, description="k-means clusters (default: scales with the number of images)"
+    )
+    niter: int = Field(20, ge=1, le=1000)
+    points_per_centroid: int = Field(256, ge=1, description="k-means training sample per cluster")
+    # Levels of the hierarchical k-means behind `balanced:N` policies, finest first.
+    balanced_levels: list[int] | None = Field(
+        None, description="cluster counts per level for balanced sampling (default: derived)"
+    )
+    seed: int = 0
+
+
+class RetrieveOptions(BaseModel):
+    """The kNN index over the crawl and the cluster-based retrieval rule."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    flat_max: int = Field(
+        1_000_000, ge=1, description="crawls up to this size are searched exactly"
+    )
+    nlist: int | None = Field(None, ge=1, description="IVF lists (default: from the crawl size)")
+    pq_m: int | None = Field(None, ge=1, description="PQ sub-quantizers (default: from dim)")
+    nprobe: int | None = Field(None, ge=1, description="IVF lists probed per query")
+    # DINOv2: "clusters that contain more than 3 images of the seed set".
+    min_seeds: int = Field(3, ge=0, description="a cluster needs more seed images than this")
+    seed: int = 0
+
+
+class CuratedOptions(BaseModel):
+    """The training-ready dataset."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    target_size: int | None = Field(None, ge=1, description="sample down to this many images")
+    rows_per_shard: int = Field(10_000, ge=1, le=1_000_000)
+    seed: int = Field(0, description="shuffle and sampling seed")
 
 
 class JobSpec(BaseModel):
@@ -57,14 +132,23 @@ class JobSpec(BaseModel):
 
     job_id: str | None = Field(None, pattern=JOB_ID_PATTERN)
     source: str = Field(min_length=1, description="folder, glob, URL list, .tar or .parquet")
-    until: Stage = Field(STAGES[-1], description="last stage to run")
+    until: Stage | None = Field(
+        None, description="last stage to run (default: curated with seed sets, cluster without)"
+    )
     ingest: IngestOptions = IngestOptions()
     eval_sets: list[str] = Field(
         default_factory=list, description="registered evaluation sets whose copies are removed"
     )
     dedup: DedupOptions = DedupOptions()
+    seeds: list[str] = Field(
+        default_factory=list, description="registered seed sets to retrieve crawl images for"
+    )
+    embed: EmbedOptions = EmbedOptions()
+    cluster: ClusterOptions = ClusterOptions()
+    retrieve: RetrieveOptions = RetrieveOptions()
+    curated: CuratedOptions = CuratedOptions()
 
-    @field_validator("eval_sets")
+    @field_validator("eval_sets", "seeds")
     @classmethod
     def _names(cls, value: list[str]) -> list[str]:
         for name in value:
@@ -84,8 +168,21 @@ class JobSpec(BaseModel):
         """The fields a resumed run must share with the original one (`until` may grow)."""
         return self.model_dump(mode="json", exclude={"job_id", "until"})
 
+    @model_validator(mode="after")
+    def _seeded(self) -> "JobSpec":
+        if self.until in SEEDED_STAGES and not self.seeds:
+            raise ValueError(f"stage {self.until!r} needs seed sets to retrieve for (seeds)")
+        return self
+
+    @property
+    def last_stage(self) -> str:
+        if self.until is not None:
+            return self.until
+        # Without seed sets the last stage that needs none: the crawl embedded and clustered.
+        return STAGES[-1] if self.seeds else STAGES[STAGES.index(SEEDED_STAGES[0]) - 1]
+
     def stages(self) -> tuple[str, ...]:
-        return STAGES[: STAGES.index(self.until) + 1]
+        return STAGES[: STAGES.index(self.last_stage) + 1]
 
 
 def describe_validation_error(error: ValidationError) -> str:

@@ -69,9 +69,70 @@ DEDUP = pa.schema(
     ]
 )
 
+# Embed: one row per kept image (crawl) or per distinct image (seed set), L2-normalised.
+EMBED = pa.schema(
+    [
+        ("image_id", pa.string()),
+        ("part", pa.int32()),  # the ingest part and item the image's bytes live in
+        ("item", pa.int32()),
+        ("embedding", pa.list_(pa.float16())),
+    ]
+)
+
+# Cluster: every embedded crawl image's k-means cluster (the finest level when hierarchical).
+CLUSTER = pa.schema(
+    [
+        ("image_id", pa.string()),
+        ("part", pa.int32()),
+        ("item", pa.int32()),
+        ("cluster_id", pa.int32()),
+        ("distance", pa.float32()),  # 1 - cosine to the centroid
+    ]
+)
+
+# Retrieve: one row per (seed image, retrieved image) match. An image retrieved by several seeds
+# has several rows; the curated stage keeps it once. For `as-is` rows the image is the seed image
+# itself and part/item point into the seed set's cached ingest shards, not the crawl's.
+RETRIEVE = pa.schema(
+    [
+        ("seed_set", pa.string()),
+        ("seed_id", pa.string()),  # image_id of the seed image; null for cluster/balanced picks
+        ("image_id", pa.string()),
+        ("part", pa.int32()),
+        ("item", pa.int32()),
+        ("rank", pa.int32()),  # 0-based neighbour rank (knn), pick order otherwise
+        ("similarity", pa.float32()),  # cosine to the seed (knn, as-is) or to the centroid
+        ("method", pa.string()),  # as-is | knn | cluster | balanced
+        ("cluster_id", pa.int32()),
+    ]
+)
+
+# Curated: the training-ready dataset, one row per image, shuffled; loads with
+# `datasets.load_dataset("parquet", ...)` with `image` as an Image feature.
+CURATED = pa.schema(
+    [
+        ("image", IMAGE_STRUCT),
+        ("image_id", pa.string()),
+        ("uri", pa.string()),
+        ("seed_set", pa.string()),  # the seed set of the best match
+        ("seed_id", pa.string()),  # the best-matching seed image, when the method has one
+        ("similarity", pa.float32()),
+        ("method", pa.string()),
+        ("cluster_id", pa.int32()),
+        ("matches", pa.int32()),  # retrieve rows that picked this image (collisions + 1)
+        ("width", pa.int32()),
+        ("height", pa.int32()),
+    ]
+)
+
 SCHEMAS: dict[tuple[str, str], pa.Schema] = {
     ("ingest", "data"): INGEST,
     ("ingest", "errors"): ERRORS,
     ("dedup_features", "data"): DEDUP_FEATURES,
     ("dedup", "data"): DEDUP,
+    ("embed", "data"): EMBED,
+    ("embed", "errors"): ERRORS,
+    ("cluster", "data"): CLUSTER,
+    ("retrieve", "data"): RETRIEVE,
+    ("curated", "data"): CURATED,
 }

@@ -7,7 +7,9 @@ from schemas.job import SpecError, parse_job_spec
 
 def test_valid_spec_fills_defaults():
     spec = parse_job_spec({"source": "data/x", "job_id": "demo"})
-    assert spec.until == "dedup" and spec.ingest.shard_size == 1000 and spec.ingest.min_side == 64
+    assert spec.until is None and spec.stages()[-1] == "cluster"  # no seed sets: no retrieval
+    assert spec.ingest.shard_size == 1000 and spec.ingest.min_side == 64
+    assert spec.embed.arch == "vit_huge_patch14_224" and spec.cluster.n_clusters is None
     assert spec.dedup.copy_threshold == 0.6 and spec.dedup.eval_threshold == 0.45
 
 
@@ -19,6 +21,10 @@ def test_valid_spec_fills_defaults():
         ({"source": "x", "ingest": {"colour": "red"}}, "ingest.colour: unknown field"),
         ({"source": "x", "job_id": "Bad Id!"}, "job_id"),
         ({"source": "x", "until": "nowhere"}, "until"),
+        ({"source": "x", "until": "curated"}, "needs seed sets"),
+        ({"source": "x", "seeds": ["Bad Name"]}, "seeds"),
+        ({"source": "x", "dedup": {"copy_background": "Bad Name"}}, "dedup.copy_background"),
+        ({"source": "x", "embed": {"batch_size": 0}}, "embed.batch_size"),
         ({"source": "   "}, "source"),
         ({}, "source"),
     ],
