@@ -4,10 +4,6 @@ the dataset card, and exactly-once commits on Ray through a SIGKILL of the drive
 import hashlib
 import io
 import json
-import os
-import signal
-import subprocess
-import sys
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -29,6 +25,7 @@ from curate.shards import write_shard
 from schemas.job import parse_job_spec
 from schemas.shards import INGEST, RETRIEVE
 from tests.images import encode, jpeg, photo
+from tests.kill import KILL_HOOK, run_script_killed
 
 JOB = "cur"
 
@@ -388,31 +385,19 @@ def test_dataset_card_and_stats(corpus, tmp_path):
 
 # -- on Ray, with the catalog ---------------------------------------------------------------------
 
-# run_assemble in a fresh process whose Catalog.commit_part SIGKILLs the process before the
-# (after + 1)th curated commit: that bucket's shard is renamed into place but not registered.
-DRIVER = """
-import json, os, signal, sys
+# run_assemble in a fresh process that SIGKILLs itself before a chosen curated commit: that
+# bucket's shard is renamed into place but not registered.
+DRIVER = (
+    KILL_HOOK
+    + """
+import json
 from pathlib import Path
 
 import ray
 
-from curate.catalog import Catalog
 from pipelines.assembly import run_assemble
 
 args = json.loads(sys.argv[1])
-commit = Catalog.commit_part
-done = []
-
-
-def commit_or_die(self, job_id, stage, result):
-    if stage == "curated":
-        if len(done) == args["after"]:
-            os.kill(os.getpid(), signal.SIGKILL)
-        done.append(result.part)
-    commit(self, job_id, stage, result)
-
-
-Catalog.commit_part = commit_or_die
 crawl = {int(k): Path(v) for k, v in args["ingest"].items()}
 seeds = {n: {int(k): Path(v) for k, v in m.items()} for n, m in args["seed_ingest"].items()}
 
@@ -429,28 +414,7 @@ run_assemble(catalog, args["job"], ingest_path_of=ingest_path_of, progress=False
              retrieve_paths=[Path(p) for p in args["retrieve"]],
              out_dir=Path(args["out"]), work_dir=Path(args["work"]))
 """
-
-
-def run_killed(args: dict) -> None:
-    driver = subprocess.Popen(
-        [sys.executable, "-c", DRIVER, json.dumps(args)],
-        env={**os.environ, "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0"},
-        start_new_session=True,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
-    try:
-        _, stderr = driver.communicate(timeout=240)
-    finally:
-        # The killed driver's local Ray (raylet, workers) shares its session: end it too.
-        try:
-            os.killpg(driver.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    assert driver.returncode == -signal.SIGKILL, (
-        f"the driver should die at its kill point, exited {driver.returncode}: "
-        f"{stderr.decode()[-2000:]}"
-    )
+)
 
 
 def test_run_assemble_commits_each_bucket_once_and_resumes_after_sigkill(
@@ -474,10 +438,11 @@ def test_run_assemble_commits_each_bucket_once_and_resumes_after_sigkill(
         "retrieve": [str(p) for p in corpus["retrieve"]],
         "out": str(out),
         "work": str(work),
-        "after": 1,
         **options,
     }
-    run_killed(args)
+    run_script_killed(
+        DRIVER, [json.dumps(args)], "curated", after=1, RAY_ENABLE_UV_RUN_RUNTIME_ENV="0"
+    )
     assert len(catalog.committed_parts(JOB, "curated")) == 1
     assert len(list(out.glob("part-*.parquet"))) > 1, "a shard is in place but unregistered"
     assert any(scatter_path(work, 0).parent.glob("*.arrow")), "scatter files wait for the resume"
