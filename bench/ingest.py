@@ -73,8 +73,9 @@ def ours(source: str, data_root: Path, job: str) -> dict:
         "CURATE_ALLOW_PRIVATE_NETWORKS": "1",
     }
     started = time.perf_counter()
+    command = ["run", "--source", source, "--job", job, "--until", "ingest"]
     subprocess.run(
-        [sys.executable, "-m", "curate.cli", "run", "--source", source, "--job", job],
+        [sys.executable, "-m", "curate.cli", *command],
         env=env,
         check=True,
         stdout=subprocess.DEVNULL,
