@@ -255,7 +255,7 @@ def test_border_trimming_leaves_unframed_and_flat_images_whole():
 
 def test_jpeg_bytes_hash_like_their_decoded_pixels(hasher):
     stored = [_encode(_render(3, i), "JPEG", quality=90) for i in range(20)]
-    from_bytes = hasher.codes(hash_features_batch(stored, workers=2))
+    from_bytes = hasher.codes(hash_features_batch(stored))
     from_pixels = hasher.codes(hash_features_batch([load_rgb(data) for data in stored]))
     distance = np.unpackbits(from_bytes ^ from_pixels, axis=1).sum(axis=1)
     assert distance.max() <= 2

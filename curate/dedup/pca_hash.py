@@ -307,17 +307,14 @@ def _any_thumbnail(img: Image.Image | bytes) -> np.ndarray:
     return _thumbnail_from_bytes(img) if isinstance(img, bytes) else _thumbnail(img)
 
 
-def hash_features_batch(images: Iterable[Image.Image | bytes], workers: int = 1) -> np.ndarray:
+def hash_features_batch(images: Iterable[Image.Image | bytes]) -> np.ndarray:
     """`hash_features` of many images: float32 [N, FEATURE_DIM].
 
-    `workers` > 1 decodes in threads (Pillow releases the GIL while decoding and resizing); leave
-    it at 1 where the caller already runs one task per core, as a Ray stage does.
+    One thread: parallelism comes from one process per core (a Ray task per part). Threads
+    slow it down: each image is many short Pillow and numpy calls, and two threads handing the
+    GIL back and forth ran at half the speed of one (measured, 200 px images).
     """
-    if workers > 1:
-        with ThreadPoolExecutor(max_workers=workers) as pool:
-            thumbnails = list(pool.map(_any_thumbnail, images))
-    else:
-        thumbnails = [_any_thumbnail(img) for img in images]
+    thumbnails = [_any_thumbnail(img) for img in images]
     if not thumbnails:
         return np.zeros((0, FEATURE_DIM), dtype=np.float32)
     return _features_from_thumbnails(np.stack(thumbnails))
