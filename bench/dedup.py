@@ -15,13 +15,11 @@ and a re-run quality section is compared with the previous one.
 """
 
 import argparse
-import hashlib
 import io
 import json
 import multiprocessing
 import os
 import platform
-import subprocess
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -30,6 +28,15 @@ from typing import NamedTuple
 
 import faiss
 import numpy as np
+from measuring import (
+    code_line,
+    code_version,
+    in_fresh_process,
+    met,
+    reset_peak_rss,
+    status_mib,
+    timed,
+)
 from PIL import Image, ImageDraw, ImageEnhance, ImageFilter, ImageFont, ImageOps
 
 from curate.dedup.grouping import connected_components
@@ -45,7 +52,6 @@ from curate.demo import FileKind, generate_demo, planted_counts
 from curate.ingest.decode import load_rgb
 
 BENCH = Path(__file__).resolve().parent
-REPO = BENCH.parent
 WORK = BENCH / "work"
 RESULTS = BENCH / "results"
 
@@ -69,33 +75,6 @@ RSS_NOTE = (
 
 
 # -- small helpers ---------------------------------------------------------------------------------
-
-
-def _timed(fn: Callable, *args, **kwargs) -> tuple[object, float]:
-    started = time.perf_counter()
-    value = fn(*args, **kwargs)
-    return value, time.perf_counter() - started
-
-
-def _status_mib(field: str) -> float:
-    """A memory line of /proc/self/status (VmRSS: now, VmHWM: peak), in MiB."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) / 1024
-    raise KeyError(field)
-
-
-def _reset_peak_rss() -> None:
-    """Lower this process's peak RSS (VmHWM) to its current RSS, so that the next reading is the
-    peak of what runs in between. getrusage's ru_maxrss cannot be reset, and a spawned process
-    even starts with its parent's peak (the kernel keeps it across fork and exec)."""
-    Path("/proc/self/clear_refs").write_text("5")
-
-
-def _in_fresh_process(fn: Callable, *args) -> dict:
-    """fn(*args) in a new spawned process: memory freed by earlier sections cannot be reused."""
-    with multiprocessing.get_context("spawn").Pool(1) as pool:
-        return pool.apply(fn, args)
 
 
 def _pair_count(keys: np.ndarray) -> int:
@@ -160,11 +139,11 @@ def pca_hash_features(images: list[Image.Image], workers: int) -> np.ndarray:
 def pca_hash_groups(images: list[Image.Image], workers: int) -> Grouped:
     """Our path, step by step."""
     seconds = {}
-    features, seconds["features"] = _timed(pca_hash_features, images, workers)
-    hasher, seconds["fit"] = _timed(PCAHasher.fit, features)
-    codes, seconds["codes"] = _timed(hasher.codes, features)
-    (left, right, _), seconds["pairs"] = _timed(near_duplicate_pairs, codes, HAMMING_RADIUS)
-    labels, seconds["components"] = _timed(connected_components, len(images), left, right)
+    features, seconds["features"] = timed(pca_hash_features, images, workers)
+    hasher, seconds["fit"] = timed(PCAHasher.fit, features)
+    codes, seconds["codes"] = timed(hasher.codes, features)
+    (left, right, _), seconds["pairs"] = timed(near_duplicate_pairs, codes, HAMMING_RADIUS)
+    labels, seconds["components"] = timed(connected_components, len(images), left, right)
     seconds["total"] = sum(seconds.values())
     return Grouped(labels, left, right, seconds)
 
@@ -192,9 +171,9 @@ def phash_search(hashes: list[str]) -> tuple[np.ndarray, np.ndarray]:
 
 def phash_groups(images: list[Image.Image], workers: int) -> Grouped:
     seconds = {}
-    hashes, seconds["encode"] = _timed(phash_encode, images, workers)
-    (left, right), seconds["find_duplicates"] = _timed(phash_search, hashes)
-    labels, seconds["components"] = _timed(connected_components, len(images), left, right)
+    hashes, seconds["encode"] = timed(phash_encode, images, workers)
+    (left, right), seconds["find_duplicates"] = timed(phash_search, hashes)
+    labels, seconds["components"] = timed(connected_components, len(images), left, right)
     seconds["total"] = sum(seconds.values())
     return Grouped(labels, left, right, seconds)
 
@@ -342,7 +321,7 @@ def group_scores(grouped: Grouped, source: np.ndarray, edit: np.ndarray) -> dict
 def quality(args: argparse.Namespace) -> dict:
     """Both methods on two sets: originals + photometric edits, where the targets apply, and
     originals + all edits. The PCA basis is fitted on whichever set is hashed."""
-    originals, generate_s = _timed(demo_originals, args.originals)
+    originals, generate_s = timed(demo_originals, args.originals)
     images, source, edit = copy_set(originals, args.edited, args.seed)
     out = {
         "originals": len(originals),
@@ -412,29 +391,29 @@ def phash_search_timed(hashes: list[str], args: argparse.Namespace) -> dict:
     """find_duplicates on every hash if small probes predict it fits `phash_budget`; otherwise
     at `phash_sizes` only, extrapolated to the full count with the same fit."""
     n = len(hashes)
-    probes = {k: _timed(phash_search, hashes[:k])[1] for k in args.phash_probes if k < n}
+    probes = {k: timed(phash_search, hashes[:k])[1] for k in args.phash_probes if k < n}
     a, b = _quadratic_fit(probes)
     out = {"probes_s": probes, "predicted_full_s": a + b * n**2}
     if out["predicted_full_s"] <= args.phash_budget:
-        out["pairs"], out["full_s"] = _timed(phash_search, hashes)
+        out["pairs"], out["full_s"] = timed(phash_search, hashes)
         out["extrapolated"] = False
         return out
-    out["measured_s"] = {k: _timed(phash_search, hashes[:k])[1] for k in args.phash_sizes}
+    out["measured_s"] = {k: timed(phash_search, hashes[:k])[1] for k in args.phash_sizes}
     a, b = _quadratic_fit(out["measured_s"])
     out["full_s"], out["extrapolated"], out["fit"] = a + b * n**2, True, {"a": a, "b": b}
     return out
 
 
 def speed(args: argparse.Namespace) -> dict:
-    (images, source), generate_s = _timed(
+    (images, source), generate_s = timed(
         synthetic_corpus, args.speed_count, args.planted_share, args.seed
     )
     ours = pca_hash_groups(images, args.workers)
-    hashes, encode_s = _timed(phash_encode, images, args.workers)
+    hashes, encode_s = timed(phash_encode, images, args.workers)
     search = phash_search_timed(hashes, args)
     phash = {"encode_s": encode_s, "find_duplicates_s": search["full_s"], "search": search}
     if not search["extrapolated"]:
-        labels, phash["components_s"] = _timed(
+        labels, phash["components_s"] = timed(
             connected_components, len(images), *search.pop("pairs")
         )
         phash.update(_planted_scores(labels, source))
@@ -471,13 +450,13 @@ def planted_codes(n: int, share: float, radius: int, seed: int) -> tuple[np.ndar
 
 
 def grouping_run(n: int, share: float, seed: int) -> dict:
-    """One scale, meant for a fresh process (see `_in_fresh_process`)."""
+    """One scale, meant for a fresh process (see `in_fresh_process`)."""
     codes, sources, copies = planted_codes(n, share, HAMMING_RADIUS, seed)
-    rss_before = _status_mib("VmRSS")
-    _reset_peak_rss()
-    (left, right, _), pairs_s = _timed(near_duplicate_pairs, codes, HAMMING_RADIUS)
-    labels, components_s = _timed(connected_components, n, left, right)
-    peak = _status_mib("VmHWM")
+    rss_before = status_mib("VmRSS")
+    reset_peak_rss()
+    (left, right, _), pairs_s = timed(near_duplicate_pairs, codes, HAMMING_RADIUS)
+    labels, components_s = timed(connected_components, n, left, right)
+    peak = status_mib("VmHWM")
     found = np.isin(_pair_keys(sources, copies, n), _pair_keys(left, right, n))
     return {
         "codes": n,
@@ -494,7 +473,7 @@ def grouping_run(n: int, share: float, seed: int) -> dict:
 
 
 def grouping(args: argparse.Namespace) -> dict:
-    runs = [_in_fresh_process(grouping_run, n, 0.01, args.seed) for n in args.grouping_sizes]
+    runs = [in_fresh_process(grouping_run, n, 0.01, args.seed) for n in args.grouping_sizes]
     small, large = runs[0], runs[-1]
     return {
         "radius": HAMMING_RADIUS,
@@ -546,12 +525,12 @@ def exact_edges(x: np.ndarray, queries: np.ndarray, threshold: float) -> np.ndar
 
 
 def knn_run(n: int, dim: int, share: float, exact_queries: int, seed: int) -> dict:
-    """One copy_edges run, meant for a fresh process (see `_in_fresh_process`)."""
+    """One copy_edges run, meant for a fresh process (see `in_fresh_process`)."""
     x, sources, copies = planted_descriptors(n, dim, share, seed)
-    rss_before = _status_mib("VmRSS")
-    _reset_peak_rss()
-    (left, right, _), edges_s = _timed(copy_edges, x, threshold=COPY_THRESHOLD)
-    peak = _status_mib("VmHWM")
+    rss_before = status_mib("VmRSS")
+    reset_peak_rss()
+    (left, right, _), edges_s = timed(copy_edges, x, threshold=COPY_THRESHOLD)
+    peak = status_mib("VmHWM")
     found = _pair_keys(left, right, n)
     planted = _pair_keys(sources, copies, n)
     cosine = np.sum(x[sources].astype(np.float32) * x[copies].astype(np.float32), axis=1)
@@ -564,7 +543,7 @@ def knn_run(n: int, dim: int, share: float, exact_queries: int, seed: int) -> di
     # Exact search of a random query subset against every row: are there true edges besides the
     # planted ones, and does the IVF-PQ graph hold them?
     queries = np.sort(np.random.default_rng(seed + 1).choice(n, exact_queries, replace=False))
-    truth, exact_s = _timed(exact_edges, x, queries, COPY_THRESHOLD)
+    truth, exact_s = timed(exact_edges, x, queries, COPY_THRESHOLD)
     touching = np.isin(found // n, queries) | np.isin(found % n, queries)
     return {
         "descriptors": n,
@@ -588,14 +567,10 @@ def knn_run(n: int, dim: int, share: float, exact_queries: int, seed: int) -> di
 
 
 def knn(args: argparse.Namespace) -> dict:
-    return _in_fresh_process(knn_run, args.knn_size, 512, 0.01, args.exact_queries, args.seed)
+    return in_fresh_process(knn_run, args.knn_size, 512, 0.01, args.exact_queries, args.seed)
 
 
 # -- report ----------------------------------------------------------------------------------------
-
-
-def _met(ok: bool) -> str:
-    return "yes" if ok else "**no**"
 
 
 def _quality_row(label: str, values: list[float | None], target: str, met: str) -> str:
@@ -640,14 +615,14 @@ def quality_lines(q: dict) -> list[str]:
             "pair precision",
             values("pair_precision"),
             f"≥ {TARGETS['pair precision']}, > PHash",
-            _met(precision_ok and ours["pair_precision"] > theirs["pair_precision"]),
+            met(precision_ok and ours["pair_precision"] > theirs["pair_precision"]),
         ),
         _quality_row("pair recall, all pairs", values("pair_recall"), "", ""),
         _quality_row(
             "recall, photometric + re-encoding edits",
             values("photometric_recall"),
             f"≥ {TARGETS['photometric recall']}, > PHash",
-            _met(recall_ok and ours["photometric_recall"] > theirs["photometric_recall"]),
+            met(recall_ok and ours["photometric_recall"] > theirs["photometric_recall"]),
         ),
         _quality_row("recall, geometric edits", values("geometric_recall"), "", ""),
     ]
@@ -704,7 +679,7 @@ def speed_lines(s: dict) -> list[str]:
         "| ratio | value | target | met |",
         "|---|---:|---|---|",
         f"| PHash total / PCA-hash total | {s['speedup']:.1f}x | ≥ {TARGETS['speedup vs PHash']}x"
-        f" | {_met(s['speedup'] >= TARGETS['speedup vs PHash'])} |",
+        f" | {met(s['speedup'] >= TARGETS['speedup vs PHash'])} |",
         "",
     ]
     probes = ", ".join(f"{n}: {t:.1f} s" for n, t in search["probes_s"].items())
@@ -746,7 +721,7 @@ def grouping_lines(g: dict) -> list[str]:
         "| growth | value | target | met |",
         "|---|---:|---|---|",
         f"| time for {g['size_factor']:.0f}x codes | {g['time_factor']:.1f}x | ≤ {target:.0f}x | "
-        f"{_met(g['time_factor'] <= target)} |",
+        f"{met(g['time_factor'] <= target)} |",
     ]
     return lines
 
@@ -773,25 +748,14 @@ def knn_lines(k: dict) -> list[str]:
         f"| peak RSS MiB (before call) | {k['peak_rss_mib']:.0f} ({k['rss_before_mib']:.0f}) | | |",
         f"| edges found | {k['edges_found']:,} | | |",
         f"| recall of planted pairs | {k['planted_recall']:.4f} | ≥ {target} | "
-        f"{_met(k['planted_recall'] >= target)} |",
+        f"{met(k['planted_recall'] >= target)} |",
         f"| recall on the exact query subset | {k['query_edge_recall']:.4f} | ≥ {target} | "
-        f"{_met(k['query_edge_recall'] >= target)} |",
+        f"{met(k['query_edge_recall'] >= target)} |",
         f"| edges of the subset not in the exact set | {k['query_edges_not_exact']} | 0 | "
-        f"{_met(k['query_edges_not_exact'] == 0)} |",
+        f"{met(k['query_edges_not_exact'] == 0)} |",
         "",
         f"Planted recall by cosine: {by_cosine}.",
     ]
-
-
-def code_line(code: dict) -> str:
-    modules = ", ".join(
-        f"{Path(path).name} {m['sha256']}" + (" (uncommitted changes)" * m["uncommitted_changes"])
-        for path, m in code["modules"].items()
-    )
-    line = f"Code measured: commit {code['commit']}; sha256 {modules}."
-    if code.get("changed_during_run"):
-        line += " **A measured module changed during the run: sections may mix versions.**"
-    return line
 
 
 def markdown(result: dict) -> str:
@@ -878,25 +842,6 @@ def machine() -> dict:
     }
 
 
-def code_version() -> dict:
-    """The commit, and the measured modules' SHA-256 with their uncommitted-change state."""
-
-    def git(*args: str) -> str:
-        return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True).stdout
-
-    changed = set(git("diff", "--name-only", "HEAD", "--", *MEASURED).split())
-    return {
-        "commit": git("rev-parse", "--short", "HEAD").strip(),
-        "modules": {
-            path: {
-                "sha256": hashlib.sha256((REPO / path).read_bytes()).hexdigest()[:16],
-                "uncommitted_changes": path in changed,
-            }
-            for path in MEASURED
-        },
-    }
-
-
 QUICK = {
     "edited": 60,
     "speed_count": 5_000,
@@ -965,19 +910,19 @@ def main() -> None:
     args = parse_args()
     started = time.perf_counter()
     result = {"benchmark": "dedup", "machine": machine(), "targets": TARGETS}
-    result["code"] = code_version()
+    result["code"] = code_version(MEASURED)
     result["measured_at"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     previous_file = RESULTS / "dedup.json"
     previous = json.loads(previous_file.read_text()) if previous_file.exists() else None
     sections = {"quality": quality, "speed": speed, "grouping": grouping, "knn": knn}
     for name in args.sections:
         print(f"[dedup] {name} ...", flush=True)
-        result[name], seconds = _timed(sections[name], args)
+        result[name], seconds = timed(sections[name], args)
         print(f"[dedup] {name} done in {seconds:.0f} s", flush=True)
     result["machine"]["load_after"] = os.getloadavg()[0]
     # Spawned processes import the modules again: a change during the run would mix versions.
     # Only the content counts (a commit of the same content during the run changes nothing).
-    before, after = result["code"]["modules"], code_version()["modules"]
+    before, after = result["code"]["modules"], code_version(MEASURED)["modules"]
     result["code"]["changed_during_run"] = any(
         after[path]["sha256"] != before[path]["sha256"] for path in MEASURED
     )

@@ -21,7 +21,6 @@ import json
 import os
 import platform
 import shutil
-import subprocess
 import time
 import warnings
 from pathlib import Path
@@ -30,6 +29,7 @@ import numpy as np
 import pyarrow as pa
 import ray
 import torch
+from measuring import code_line, code_version
 from PIL import Image
 
 from curate.embed import Embedder, EmbedInput, preprocess
@@ -39,7 +39,6 @@ from pipelines.embedding import embed_parts
 from schemas.shards import DEDUP, INGEST
 
 BENCH = Path(__file__).resolve().parent
-REPO = BENCH.parent
 WORK = BENCH / "work" / "embed"
 RESULTS = BENCH / "results"
 TARGET = 0.85  # stage images/s over bare forward images/s
@@ -203,24 +202,6 @@ def gpu_section(arch: str, batch_size: int, batches: int) -> dict:
     }
 
 
-def code_version() -> dict:
-    def git(*args: str) -> str:
-        return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True).stdout
-
-    changed = set(git("diff", "--name-only", "HEAD", "--", *MEASURED).split())
-    untracked = set(git("ls-files", "--others", "--", *MEASURED).split())
-    return {
-        "commit": git("rev-parse", "--short", "HEAD").strip(),
-        "modules": {
-            path: {
-                "sha256": hashlib.sha256((REPO / path).read_bytes()).hexdigest()[:16],
-                "uncommitted_changes": path in changed or path in untracked,
-            }
-            for path in MEASURED
-        },
-    }
-
-
 def markdown(result: dict) -> str:
     a, cpu = result["args"], result["cpu"]
     lines = [
@@ -231,14 +212,7 @@ def markdown(result: dict) -> str:
         f"{result['machine']['load_after']:.1f} after (shared machine); whole run "
         f"{result['seconds'] / 60:.1f} min.",
         "",
-        "Code measured: commit {}; {}.".format(
-            result["code"]["commit"],
-            ", ".join(
-                f"{Path(p).name} {m['sha256']}"
-                + (" (uncommitted)" if m["uncommitted_changes"] else "")
-                for p, m in result["code"]["modules"].items()
-            ),
-        ),
+        code_line(result["code"]),
         "",
         f"## CPU: {a['arch']} at {a['image_size']} px, batch {a['batch_size']}, random weights",
         "",
@@ -362,7 +336,7 @@ def main() -> None:
     result = {
         "args": vars(args),
         "machine": machine,
-        "code": code_version(),
+        "code": code_version(MEASURED),
         "cpu": {
             "cores": cores,
             "preprocess_ms_per_image": preprocess_ms,

@@ -15,18 +15,16 @@ Writes bench/results/index.json and bench/results/index.md.
 """
 
 import argparse
-import hashlib
 import json
 import os
 import platform
-import subprocess
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import faiss
 import numpy as np
+from measuring import code_line, code_version, met, timed
 
 from curate.index import (
     DEFAULT_RERANK,
@@ -37,17 +35,10 @@ from curate.index import (
 )
 
 BENCH = Path(__file__).resolve().parent
-REPO = BENCH.parent
 RESULTS = BENCH / "results"
 TARGETS = {"kmeans time vs raw": 1.1, "recall@4": 0.95}
 MEASURED = ("curate/index.py",)
 BLOCK = 65_536
-
-
-def _timed(fn: Callable, *args, **kwargs) -> tuple[object, float]:
-    started = time.perf_counter()
-    value = fn(*args, **kwargs)
-    return value, time.perf_counter() - started
 
 
 def _log(message: str) -> None:
@@ -97,11 +88,11 @@ def kmeans_section(args: argparse.Namespace) -> dict:
     options = {"niter": args.niter, "seed": args.seed, "max_points_per_centroid": 256}
     _log(f"raw faiss.Kmeans on {args.kmeans_n:,} x {args.kmeans_d}, k = {args.k:,} ...")
     raw = faiss.Kmeans(args.kmeans_d, args.k, spherical=True, **options)
-    _, raw_s = _timed(raw.train, x)
+    _, raw_s = timed(raw.train, x)
     _log(f"raw {raw_s:.1f} s; train_kmeans ...")
     # init="random" is what train_kmeans's "auto" picks above 1,024 clusters (k-means++ below),
     # and FAISS's default: the comparison is of the same algorithm.
-    ours, ours_s = _timed(train_kmeans, x, args.k, init="random", **options)
+    ours, ours_s = timed(train_kmeans, x, args.k, init="random", **options)
     _log(f"ours {ours_s:.1f} s")
     return {
         "n": args.kmeans_n,
@@ -154,17 +145,17 @@ def recall_section(args: argparse.Namespace) -> dict:
         index = KnnIndex.create(d, n, flat_max=0, pq_m=pq_m, rerank=max(args.rerank))
         sample = base[np.random.default_rng(args.seed).choice(n, index.train_size, replace=False)]
         _log(f"pq_m {pq_m}: training on {len(sample):,} ...")
-        _, train_s = _timed(index.train, sample)
+        _, train_s = timed(index.train, sample)
         _log(f"pq_m {pq_m}: trained in {train_s:.0f} s; adding ...")
-        _, add_s = _timed(index.add, base)
+        _, add_s = timed(index.add, base)
         builds.append({"pq_m": pq_m, "train_s": train_s, "add_s": add_s, "nlist": index.nlist})
         _log(f"pq_m {pq_m}: added in {add_s:.0f} s")
         for nprobe in args.nprobe:
             for rerank in args.rerank:
                 index.nprobe, index.rerank = nprobe, rerank
                 # best of two: the machine is shared, and the first pass warms the lists
-                (_, found), first_s = _timed(index.search, queries, k)
-                _, second_s = _timed(index.search, queries, k)
+                (_, found), first_s = timed(index.search, queries, k)
+                _, second_s = timed(index.search, queries, k)
                 search_s = min(first_s, second_s)
                 runs.append(
                     {
@@ -195,10 +186,6 @@ def recall_section(args: argparse.Namespace) -> dict:
 # -- report ----------------------------------------------------------------------------------------
 
 
-def _met(ok: bool) -> str:
-    return "yes" if ok else "**no**"
-
-
 def kmeans_lines(r: dict) -> list[str]:
     target = TARGETS["kmeans time vs raw"]
     return [
@@ -215,7 +202,7 @@ def kmeans_lines(r: dict) -> list[str]:
         f"| raw faiss.Kmeans | {r['raw_s']:.1f} |",
         f"| train_kmeans | {r['ours_s']:.1f} |",
         "",
-        f"Ratio {r['ratio']:.3f} (target ≤ {target}: {_met(r['ratio'] <= target)}). Largest "
+        f"Ratio {r['ratio']:.3f} (target ≤ {target}: {met(r['ratio'] <= target)}). Largest "
         f"centroid coordinate difference between the two: {r['max_centroid_difference']:.2e} "
         "(the same computation: FAISS's multithreaded sums are not bit-reproducible, so a few "
         "points on a cluster boundary can switch). Raw's final objective "
@@ -257,7 +244,7 @@ def recall_lines(r: dict) -> list[str]:
             "",
             f"Defaults (pq_m {defaults['pq_m']}, nprobe {defaults['nprobe']}, rerank "
             f"{defaults['rerank']}): recall@4 {recall:.4f} (target ≥ {target}: "
-            f"{_met(recall >= target)}).",
+            f"{met(recall >= target)}).",
         ]
     return lines
 
@@ -280,34 +267,6 @@ def markdown(result: dict) -> str:
         if name in result:
             lines += ["", *lines_of(result[name])]
     return "\n".join(lines) + "\n"
-
-
-def code_line(code: dict) -> str:
-    modules = ", ".join(
-        f"{Path(path).name} {m['sha256']}" + (" (uncommitted changes)" * m["uncommitted_changes"])
-        for path, m in code["modules"].items()
-    )
-    return f"Code measured: commit {code['commit']}; sha256 {modules}."
-
-
-def code_version() -> dict:
-    """The commit, and the measured modules' SHA-256 with their uncommitted-change state."""
-
-    def git(*args: str) -> str:
-        return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True).stdout
-
-    changed = set(git("diff", "--name-only", "HEAD", "--", *MEASURED).split())
-    untracked = set(git("ls-files", "--others", "--", *MEASURED).split())
-    return {
-        "commit": git("rev-parse", "--short", "HEAD").strip(),
-        "modules": {
-            path: {
-                "sha256": hashlib.sha256((REPO / path).read_bytes()).hexdigest()[:16],
-                "uncommitted_changes": path in changed | untracked,
-            }
-            for path in MEASURED
-        },
-    }
 
 
 def machine() -> dict:
@@ -359,12 +318,12 @@ def main() -> None:
     args = parse_args()
     started = time.perf_counter()
     result = {"benchmark": "index", "machine": machine(), "targets": TARGETS}
-    result["code"] = code_version()
+    result["code"] = code_version(MEASURED)
     result["command"] = " ".join(["python", "bench/index.py", *sys.argv[1:]])
     sections = {"kmeans": kmeans_section, "recall": recall_section}
     for name in args.sections:
         _log(f"{name} ...")
-        result[name], seconds = _timed(sections[name], args)
+        result[name], seconds = timed(sections[name], args)
         _log(f"{name} done in {seconds:.0f} s")
     result["machine"]["load_after"] = os.getloadavg()[0]
     result["wall_s"] = time.perf_counter() - started

@@ -15,20 +15,18 @@ Writes bench/results/train.json and bench/results/train.md.
 """
 
 import argparse
-import hashlib
 import json
-import multiprocessing
 import os
 import platform
 import random
 import subprocess
 import time
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+from measuring import code_line, code_version, in_fresh_process, reset_peak_rss, status_mib
+
 BENCH = Path(__file__).resolve().parent
-REPO = BENCH.parent
 WORK = BENCH / "work" / "train"
 RESULTS = BENCH / "results"
 MEASURED = (
@@ -42,23 +40,6 @@ RSS_NOTE = (
     "Memory: peak RSS of the measuring process (VmHWM of /proc/self/status, reset through "
     "/proc/self/clear_refs just before the measured call), in brackets the RSS before it."
 )
-
-
-def _status_mib(field: str) -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) / 1024
-    raise KeyError(field)
-
-
-def _reset_peak_rss() -> None:
-    Path("/proc/self/clear_refs").write_text("5")
-
-
-def _in_fresh_process(fn, *args):
-    # Not multiprocessing.Pool: its daemonic workers cannot start data loader workers.
-    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
-        return pool.submit(fn, *args).result()
 
 
 def _steady_images_per_s(metrics: list[dict], skip: int) -> float:
@@ -154,8 +135,8 @@ def throughput_one(preset: str, steps: int, data: str, workers: int) -> dict:
     )
     out = WORK / f"throughput-{preset}"
     subprocess.run(["rm", "-rf", str(out)], check=True)
-    before = _status_mib("VmRSS")
-    _reset_peak_rss()
+    before = status_mib("VmRSS")
+    reset_peak_rss()
     result = train(
         config,
         sorted(Path(data).glob("*.parquet")),
@@ -164,7 +145,7 @@ def throughput_one(preset: str, steps: int, data: str, workers: int) -> dict:
         progress=False,
         export=False,
     )
-    peak = _status_mib("VmHWM")
+    peak = status_mib("VmHWM")
     trainer = _steady_images_per_s(result.metrics, skip=2)
     bare = bare_limit(config, steps=steps)
     crops = config.crops
@@ -189,7 +170,7 @@ def throughput(args: argparse.Namespace) -> dict:
     data = WORK / "photo-shards"
     write_photo_shards(data, 512)
     runs = [
-        _in_fresh_process(throughput_one, preset, steps, str(data), args.workers)
+        in_fresh_process(throughput_one, preset, steps, str(data), args.workers)
         for preset, steps in (("tiny", args.tiny_steps), ("small", args.small_steps))
     ]
     return {"runs": runs}
@@ -278,8 +259,8 @@ def gpu(args: argparse.Namespace) -> dict:
     if not torch.cuda.is_available():
         return {"skipped": "no GPU on this machine"}
     runs = [
-        _in_fresh_process(gpu_one, "vit_small_patch14_dinov2", 128, args.gpu_steps),
-        _in_fresh_process(gpu_one, "vit_large_patch14_dinov2", 64, args.gpu_steps),
+        in_fresh_process(gpu_one, "vit_small_patch14_dinov2", 128, args.gpu_steps),
+        in_fresh_process(gpu_one, "vit_large_patch14_dinov2", 64, args.gpu_steps),
     ]
     return {"runs": runs}
 
@@ -364,9 +345,9 @@ def markdown(result: dict) -> str:
         "",
         f"{m['platform']}; torch {m['torch']}, timm {m['timm']}. Load average "
         f"{m['load_before']:.1f} before, {m['load_after']:.1f} after (shared machine); whole run "
-        f"{result['wall_s'] / 60:.1f} min. Code: commit {result['code']['commit']}, "
-        + ", ".join(f"{Path(p).name} {h}" for p, h in result["code"]["modules"].items())
-        + ".",
+        f"{result['wall_s'] / 60:.1f} min.",
+        "",
+        code_line(result["code"]),
     ]
     if "throughput" in result:
         lines += [
@@ -436,20 +417,6 @@ def markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def code_version() -> dict:
-    def git(*args: str) -> str:
-        return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True).stdout
-
-    return {
-        "commit": git("rev-parse", "--short", "HEAD").strip(),
-        "modules": {
-            path: hashlib.sha256((REPO / path).read_bytes()).hexdigest()[:16]
-            for path in MEASURED
-            if (REPO / path).is_file()
-        },
-    }
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     add = parser.add_argument
@@ -486,7 +453,7 @@ def main() -> None:
             "timm": timm.__version__,
             "load_before": os.getloadavg()[0],
         },
-        "code": code_version(),
+        "code": code_version(MEASURED),
     }
     sections = {"throughput": throughput, "gpu": gpu, "proof": proof}
     previous = RESULTS / "train.json"
