@@ -39,7 +39,7 @@ demo: $(STAMP)
 	$(BIN)/curate demo $(DEMO_DIR)
 
 # The trainer on the demo corpus's labelled originals, with k-NN accuracy along the way: a ViT-Ti
-# for a bounded time on CPU (torchrun -m curate.train.cli ... for several processes or GPUs).
+# for a bounded time on CPU (torchrun -m services.cli.train ... for several processes or GPUs).
 train: $(STAMP)
 	$(BIN)/curate demo $(DEMO_DIR)
 	$(BIN)/curate train demo-data $(DEMO_DIR) $(TRAIN_DIR)/data

@@ -39,17 +39,17 @@ from measuring import (
 )
 from PIL import Image, ImageDraw, ImageEnhance, ImageFilter, ImageFont, ImageOps
 
-from curate.dedup.grouping import connected_components
-from curate.dedup.knn_graph import EXACT_BELOW, copy_edges
-from curate.dedup.pca_hash import (
+from curate.demo import FileKind, generate_demo, planted_counts
+from curate.stages.dedup.grouping import connected_components
+from curate.stages.dedup.knn_graph import EXACT_BELOW, copy_edges
+from curate.stages.dedup.pca_hash import (
     HAMMING_RADIUS,
     PHASH_RADIUS,
     PCAHasher,
     hash_features_batch,
     near_duplicate_pairs,
 )
-from curate.demo import FileKind, generate_demo, planted_counts
-from curate.ingest.decode import load_rgb
+from curate.stages.ingest.decode import load_rgb
 
 BENCH = Path(__file__).resolve().parent
 WORK = BENCH / "work"

@@ -32,9 +32,9 @@ import torch
 from measuring import code_line, code_version
 from PIL import Image
 
-from curate.embed import Embedder, EmbedInput, preprocess
-from curate.models import ModelSpec, load_backbone
-from curate.shards import PartResult, shard_name, write_shard
+from curate.core.shards import PartResult, shard_name, write_shard
+from curate.stages.embed.embedder import Embedder, EmbedInput, preprocess
+from curate.stages.embed.model import ModelSpec, load_backbone
 from pipelines.embedding import embed_parts
 from schemas.shards import DEDUP, INGEST
 

@@ -75,7 +75,7 @@ def ours(source: str, data_root: Path, job: str) -> dict:
     started = time.perf_counter()
     command = ["run", "--source", source, "--job", job, "--until", "ingest"]
     subprocess.run(
-        [sys.executable, "-m", "curate.cli", *command],
+        [sys.executable, "-m", "services.cli.main", *command],
         env=env,
         check=True,
         stdout=subprocess.DEVNULL,
@@ -83,7 +83,7 @@ def ours(source: str, data_root: Path, job: str) -> dict:
     )
     wall = time.perf_counter() - started
     shown = subprocess.run(
-        [sys.executable, "-m", "curate.cli", "jobs", "show", job, "--json"],
+        [sys.executable, "-m", "services.cli.main", "jobs", "show", job, "--json"],
         env=env,
         check=True,
         capture_output=True,

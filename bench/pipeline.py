@@ -28,7 +28,7 @@ TARGET_GROWTH = 2.2
 def curate(*args: str, data_root: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "CURATE_DATA_ROOT": str(data_root), "CURATE_PROGRESS": "0"}
     return subprocess.run(
-        [sys.executable, "-m", "curate.cli", *args],
+        [sys.executable, "-m", "services.cli.main", *args],
         env=env,
         check=True,
         capture_output=True,

@@ -71,7 +71,7 @@ def write_photo_shards(folder: Path, count: int, per_shard: int = 64) -> list[Pa
     """Curated-schema shards of generated photo-like JPEGs."""
     import pyarrow as pa
 
-    from curate.shards import shard_name, write_shard
+    from curate.core.shards import shard_name, write_shard
     from schemas.shards import CURATED
 
     if folder.is_dir() and len(list(folder.glob("*.parquet"))) == -(-count // per_shard):
@@ -270,9 +270,9 @@ def gpu(args: argparse.Namespace) -> dict:
 
 def proof(args: argparse.Namespace) -> dict:
     from curate.demo import generate_demo
-    from curate.train.cli import write_demo_training_data
     from curate.train.loop import train
     from schemas.train import load_train_config
+    from services.cli.train import write_demo_training_data
 
     started = time.perf_counter()
     demo = WORK / f"demo-{args.demo_count}"

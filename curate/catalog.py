@@ -15,22 +15,27 @@ from typing import Any
 
 import duckdb
 
-from curate.shards import PartResult, ShardRef
+from curate.core.shards import PartResult, ShardRef
 from schemas.catalog import CATALOG_DDL, STAGE_VIEWS
+from schemas.errors import ConflictError, InternalError, NotFoundError
 from schemas.job import JobSpec
 from schemas.shards import ERRORS
 
 
-class CatalogError(RuntimeError):
-    pass
+class CatalogError(InternalError, RuntimeError):
+    """The catalog file cannot be used: locked past the timeout, or unreadable."""
+
+    code = "catalog_unavailable"
 
 
-class JobNotFound(CatalogError):
-    pass
+class JobNotFound(NotFoundError, CatalogError):
+    code = "job_not_found"
 
 
-class JobConflict(CatalogError):
+class JobConflict(ConflictError, CatalogError):
     """A job id re-used with a different spec."""
+
+    code = "job_conflict"
 
 
 def _now() -> datetime:

@@ -10,7 +10,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from curate.assemble import (
+from curate.catalog import Catalog
+from curate.stages.curated.assemble import (
     STAGE,
     Bucket,
     SourceShard,
@@ -20,7 +21,6 @@ from curate.assemble import (
     scatter_source,
     select,
 )
-from curate.catalog import Catalog
 from pipelines.runner import map_parts, run_parts, run_task
 
 

@@ -21,9 +21,15 @@ from pathlib import Path
 import numpy as np
 import ray
 
-from curate.embed import DecodedPart, Embedder, EmbedInput, decode_part, write_embed_part
-from curate.models import ModelSpec, check_spec
-from curate.shards import PartResult
+from curate.core.shards import PartResult
+from curate.stages.embed.embedder import (
+    DecodedPart,
+    Embedder,
+    EmbedInput,
+    decode_part,
+    write_embed_part,
+)
+from curate.stages.embed.model import ModelSpec, check_spec
 from pipelines.runner import PartProgress, StageFailed
 
 # Parts queued per model actor: the next part's pixels are already local when one finishes.

@@ -4,12 +4,12 @@ import secrets
 from datetime import datetime
 
 from curate.catalog import Catalog
-from curate.ingest.sources import detect_source
-from curate.models import check_spec
 from curate.settings import Settings
-from pipelines.eval_sets import check_eval_sets
+from curate.stages.dedup.eval_sets import check_eval_sets
+from curate.stages.embed.model import check_spec
+from curate.stages.ingest.sources import detect_source
+from curate.stages.retrieve.seed_cache import check_seed_sets
 from pipelines.runner import init_ray
-from pipelines.seeds import check_seed_sets
 from pipelines.stages import STAGE_RUNNERS, JobContext, copy_model_of, embed_model_of
 from schemas.job import JobSpec
 

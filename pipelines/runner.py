@@ -14,8 +14,8 @@ import ray
 from tqdm import tqdm
 
 from curate.catalog import Catalog
+from curate.core.shards import PartResult
 from curate.settings import Settings
-from curate.shards import PartResult
 
 
 class StageFailed(RuntimeError):

@@ -12,39 +12,39 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import ray
 
-from curate.assemble import STAGE as CURATED
 from curate.catalog import Catalog
-from curate.clusters import STAGE as CLUSTER
-from curate.clusters import cluster_part, fit_centroids, fit_hierarchy
-from curate.dataset_card import dataset_stats, write_dataset_card
-from curate.dedup.copy_detection import warn_if_unweighted
-from curate.dedup.decide import STAGE as DEDUP
-from curate.dedup.decide import decide, write_decisions
-from curate.dedup.features import STAGE as FEATURES
-from curate.dedup.features import CopyModelSpec, dedup_features_part
-from curate.dedup.pca_hash import table_pairs
-from curate.embed import STAGE as EMBED
-from curate.embed import EmbedInput
-from curate.ingest.sources import Source
-from curate.ingest.stage import STAGE as INGEST
-from curate.ingest.stage import describe_part, ingest_part, summarize_ingest
-from curate.models import ModelSpec
-from curate.retrieve import collisions
-from curate.retrieve_parts import STAGE as RETRIEVE
-from curate.retrieve_parts import (
+from curate.settings import Settings
+from curate.stages.cluster.centroids import STAGE as CLUSTER
+from curate.stages.cluster.centroids import cluster_part, fit_centroids, fit_hierarchy
+from curate.stages.curated.assemble import STAGE as CURATED
+from curate.stages.curated.card import dataset_stats, write_dataset_card
+from curate.stages.dedup.copy_detection import warn_if_unweighted
+from curate.stages.dedup.decide import STAGE as DEDUP
+from curate.stages.dedup.decide import decide, write_decisions
+from curate.stages.dedup.eval_sets import load_eval_sets
+from curate.stages.dedup.features import STAGE as FEATURES
+from curate.stages.dedup.features import CopyModelSpec, dedup_features_part
+from curate.stages.dedup.pca_hash import table_pairs
+from curate.stages.embed.embedder import STAGE as EMBED
+from curate.stages.embed.embedder import EmbedInput
+from curate.stages.embed.model import ModelSpec
+from curate.stages.ingest.part import STAGE as INGEST
+from curate.stages.ingest.part import describe_part, ingest_part, summarize_ingest
+from curate.stages.ingest.sources import Source
+from curate.stages.retrieve.parts import STAGE as RETRIEVE
+from curate.stages.retrieve.parts import (
     CrawlInputs,
     IndexOptions,
     RetrievePart,
     build_crawl_index,
     retrieve_part,
 )
-from curate.seeds import SeedSetError
-from curate.settings import Settings
+from curate.stages.retrieve.policies import collisions
+from curate.stages.retrieve.seed_cache import LoadedSeedSet, load_seed_sets
+from curate.stages.retrieve.seed_sets import SeedSetError
 from pipelines.assembly import run_assemble
 from pipelines.embedding import embed_parts
-from pipelines.eval_sets import load_eval_sets
 from pipelines.runner import run_parts, run_task
-from pipelines.seeds import LoadedSeedSet, load_seed_sets
 from schemas.job import JobSpec
 
 

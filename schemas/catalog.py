@@ -51,7 +51,7 @@ CREATE TABLE IF NOT EXISTS eval_sets (
     location    VARCHAR NOT NULL,          -- folder, glob, URL list, .tar or .parquet
     created_at  TIMESTAMP NOT NULL
 );
--- Seed sets whose look-alikes are retrieved from crawls, by name (curate.seeds).
+-- Seed sets whose look-alikes are retrieved from crawls, by name (stages/retrieve/seed_sets.py).
 CREATE TABLE IF NOT EXISTS seed_sets (
     name        VARCHAR PRIMARY KEY,
     location    VARCHAR NOT NULL,          -- folder, glob, URL list, .tar or .parquet

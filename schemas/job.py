@@ -13,6 +13,8 @@ from pydantic import (
     model_validator,
 )
 
+from schemas.errors import InputError
+
 # Stages in pipeline order.
 STAGES: tuple[str, ...] = ("ingest", "dedup", "embed", "cluster", "retrieve", "curated")
 Stage = Literal["ingest", "dedup", "embed", "cluster", "retrieve", "curated"]
@@ -23,8 +25,10 @@ NAME_PATTERN = r"^[a-z0-9][a-z0-9_.-]{0,62}$"
 JOB_ID_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,62}$"
 
 
-class SpecError(ValueError):
+class SpecError(InputError, ValueError):
     """A job spec that does not validate; the message names every offending field."""
+
+    code = "job_spec_invalid"
 
 
 class IngestOptions(BaseModel):

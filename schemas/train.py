@@ -12,9 +12,13 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from schemas.errors import InputError
 
-class TrainConfigError(ValueError):
+
+class TrainConfigError(InputError, ValueError):
     """A training configuration that does not validate; the message names every bad field."""
+
+    code = "train_config_invalid"
 
 
 class _Section(BaseModel):

@@ -31,7 +31,7 @@ Catalog.commit_part = _commit_or_die
 """
 
 # The `curate` CLI's own entry point under the hook.
-CLI = KILL_HOOK + "from curate.cli import main\nsys.exit(main(sys.argv[1:]))\n"
+CLI = KILL_HOOK + "from services.cli.main import main\nsys.exit(main(sys.argv[1:]))\n"
 
 
 def run_script_killed(script: str, argv: list[str], stage: str, after: int, **env: str) -> None:

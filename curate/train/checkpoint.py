@@ -30,6 +30,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 
+from schemas.errors import DataError
 from schemas.train import TrainConfig
 
 PREFIX = "step-"
@@ -37,8 +38,10 @@ PARTIAL = ".partial"
 META = "meta.json"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(DataError, ValueError):
     """A checkpoint folder that is missing, incomplete or does not fit this run."""
+
+    code = "checkpoint_invalid"
 
 
 @dataclass

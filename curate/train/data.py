@@ -42,9 +42,10 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from curate.ingest.decode import load_rgb
 from curate.settings import Settings
+from curate.stages.ingest.decode import load_rgb
 from curate.train.augment import MaskingConfig, MultiCrop, MultiCropConfig, block_masks
+from schemas.errors import DataError
 
 log = logging.getLogger(__name__)
 
@@ -55,8 +56,10 @@ WINDOW_ROWS = 2048
 _GLOB_CHARS = set("*?[")
 
 
-class ShardsError(ValueError):
+class ShardsError(DataError, ValueError):
     """Training data that cannot be used: nothing found, or a shard that is not curated Parquet."""
+
+    code = "train_shards_invalid"
 
 
 # -- finding shards --------------------------------------------------------------------------

@@ -14,15 +14,18 @@ from safetensors.torch import save_file
 from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-from curate.models import EXPORT_FORMAT as FORMAT
+from curate.stages.embed.model import EXPORT_FORMAT as FORMAT
 from curate.train.checkpoint import checkpoint_config, load_teacher, read_meta
 from curate.train.model import SSLNetwork
+from schemas.errors import InputError
 
 _BACKBONE = "backbone."
 
 
-class ExportError(ValueError):
+class ExportError(InputError, ValueError):
     """A file that is not an exported lvd-curate backbone, or a checkpoint that cannot export."""
+
+    code = "export_invalid"
 
 
 def backbone_tensors(network_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

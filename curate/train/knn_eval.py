@@ -15,13 +15,17 @@ from PIL import Image, UnidentifiedImageError
 from torch import Tensor, nn
 from torchvision.transforms import v2
 
+from schemas.errors import DataError
+
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-class KnnDataError(ValueError):
+class KnnDataError(DataError, ValueError):
     """A labelled folder that cannot be evaluated on (missing, no classes, too few images)."""
+
+    code = "knn_data_invalid"
 
 
 @dataclass(frozen=True)

@@ -44,6 +44,7 @@ from curate.train.model import (
     param_groups,
 )
 from curate.train.schedules import apply_to_optimizer, step_values
+from schemas.errors import InternalError
 from schemas.train import LossOptions, TrainConfig
 
 log = logging.getLogger(__name__)
@@ -54,8 +55,10 @@ CHECKPOINTS = "checkpoints"
 LOSS_TERMS = ("dino_local", "dino_global", "ibot", "koleo")
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(InternalError, RuntimeError):
     """A loss term became NaN or infinite; the run stopped before the optimizer step."""
+
+    code = "non_finite_loss"
 
 
 # -- processes and devices -------------------------------------------------------------------------

@@ -9,11 +9,15 @@ from typing import Any
 
 import yaml
 
+from schemas.errors import InputError
+
 RECIPES_DIR = Path(__file__).parent
 
 
-class RecipeError(ValueError):
+class RecipeError(InputError, ValueError):
     """A recipe that does not exist or is not a YAML mapping."""
+
+    code = "recipe_invalid"
 
 
 def recipe_names() -> list[str]:

@@ -1,0 +1,1 @@
+"""The cluster stage: spherical k-means of the embedded crawl, every image assigned."""

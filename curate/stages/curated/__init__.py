@@ -1,0 +1,1 @@
+"""The curated stage: the selection shuffled into training shards with provenance, and its card."""

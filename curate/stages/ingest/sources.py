@@ -1,0 +1,425 @@
+"""Source detection and the split of a source into parts, each one shard of ingest output.
+
+A part is a deterministic slice of the source (the same source always splits the same way), so
+a re-run of a job can skip the parts whose shards are registered.
+"""
+
+import glob
+import json
+import os
+import tarfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pyarrow.json as pajson
+import pyarrow.parquet as pq
+
+from curate.stages.ingest.decode import Rejected
+from schemas.errors import InputError
+from schemas.reasons import Reason
+
+IMAGE_EXTENSIONS = frozenset(
+    ".jpg .jpeg .jfif .png .webp .gif .bmp .tif .tiff .avif .jxl .heic .ppm .pgm .pbm".split()
+)
+URL_LIST_EXTENSIONS = frozenset({".txt", ".csv", ".tsv", ".jsonl"})
+# Column names under which image-bytes Parquet files carry their images: the Hugging Face image
+# struct, img2dataset's output, and common variants.
+IMAGE_COLUMNS = ("image", "jpg", "jpeg", "png", "webp", "img")
+# WebDataset member extensions that hold the sample's image, in order of preference.
+TAR_IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff", "avif")
+
+PartKind = Literal["files", "urls", "tar", "parquet"]
+
+
+class SourceError(InputError, ValueError):
+    """The source itself cannot be read: the job cannot start."""
+
+    code = "source_invalid"
+
+
+@dataclass(frozen=True)
+class SourcePart:
+    index: int
+    kind: PartKind
+    # files: paths; urls: (url, metadata JSON) pairs
+    items: tuple[Any, ...] = ()
+    # tar and parquet parts name a file (and for parquet, its row groups)
+    path: str | None = None
+    row_groups: tuple[int, ...] = ()
+    image_column: str | None = None
+
+    @property
+    def size(self) -> int | None:
+        return len(self.items) if self.kind in ("files", "urls") else None
+
+
+@dataclass
+class Source:
+    """A detected source: what kind, which files, and how to split it."""
+
+    kind: PartKind
+    files: list[Path]
+    description: str
+    url_column: str = "url"
+    image_column: str | None = None
+    skipped_files: int = 0  # non-image files in a folder source, reported in the stage metrics
+
+    def parts(self, shard_size: int) -> Iterator[SourcePart]:
+        if self.kind == "files":
+            yield from _file_parts(self.files, shard_size)
+        elif self.kind == "urls":
+            yield from _url_parts(self.files, self.url_column, shard_size)
+        elif self.kind == "tar":
+            for index, path in enumerate(self.files):
+                yield SourcePart(index=index, kind="tar", path=str(path))
+        else:
+            yield from _parquet_parts(self.files, self.image_column, shard_size)
+
+    def parts_total(self, shard_size: int) -> int:
+        if self.kind == "files":
+            return -(-len(self.files) // shard_size)
+        if self.kind == "tar":
+            return len(self.files)
+        if self.kind == "parquet":
+            return sum(1 for _ in _parquet_parts(self.files, self.image_column, shard_size))
+        rows = sum(_count_url_rows(path, self.url_column) for path in self.files)
+        return -(-rows // shard_size)
+
+
+# -- detection ----------------------------------------------------------------------------------
+
+
+def detect_source(source: str, url_column: str = "url") -> Source:
+    """Work out what `source` is: a folder, a glob, URL lists, WebDataset tars or Parquet."""
+    if source.startswith(("http://", "https://")):
+        raise SourceError(
+            f"{source!r} is a single URL; put URLs in a .txt (one per line) or a "
+            ".csv/.tsv/.jsonl/.parquet file with a 'url' column and pass that file"
+        )
+    if glob.has_magic(source):
+        matches = sorted(Path(p) for p in glob.glob(source, recursive=True))
+        if not matches:
+            raise SourceError(f"source glob {source!r} matches nothing")
+    else:
+        path = Path(source)
+        if not path.exists():
+            raise SourceError(f"source {source!r} does not exist")
+        matches = [path]
+    files: list[Path] = []
+    skipped = 0
+    for match in matches:
+        if match.is_dir():
+            found, skipped_here = _walk_images(match)
+            files.extend(found)
+            skipped += skipped_here
+        elif match.is_file():
+            files.append(match)
+    for path in files:
+        if not os.access(path, os.R_OK):
+            raise SourceError(f"source file {path} is not readable")
+    suffixes = {p.suffix.lower() for p in files}
+    if not files:
+        raise SourceError(f"source {source!r} holds no image, URL-list, .tar or .parquet files")
+    if suffixes <= IMAGE_EXTENSIONS:
+        return Source("files", files, f"{len(files)} image files", skipped_files=skipped)
+    if any(m.is_dir() for m in matches):
+        # A folder's non-image files were already set aside; mixed kinds only come from globs.
+        raise SourceError(f"source {source!r} mixes folders with other files")
+    if suffixes == {".tar"}:
+        return Source("tar", files, f"{len(files)} WebDataset tar shards")
+    if suffixes == {".parquet"}:
+        return _detect_parquet(files, url_column)
+    if suffixes <= URL_LIST_EXTENSIONS:
+        for path in files:
+            _check_url_column(path, url_column)
+        return Source("urls", files, f"URL list ({len(files)} files)", url_column=url_column)
+    raise SourceError(
+        f"source {source!r} mixes file kinds {sorted(suffixes)}; give one kind: images, "
+        ".txt/.csv/.tsv/.jsonl URL lists, .tar or .parquet"
+    )
+
+
+def _walk_images(root: Path) -> tuple[list[Path], int]:
+    found: list[Path] = []
+    skipped = 0
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        for name in filenames:
+            if name.startswith("."):
+                continue
+            if Path(name).suffix.lower() in IMAGE_EXTENSIONS:
+                found.append(Path(dirpath) / name)
+            else:
+                skipped += 1
+    # One order for every walk: by path, whatever order the file system lists entries in.
+    found.sort()
+    return found, skipped
+
+
+def _detect_parquet(files: list[Path], url_column: str) -> Source:
+    try:
+        schema = pq.read_schema(files[0])
+    except Exception as error:
+        raise SourceError(f"cannot read Parquet file {files[0]}: {error}") from None
+    image_column = next(
+        (
+            c
+            for c in IMAGE_COLUMNS
+            if c in schema.names and _holds_image_bytes(schema.field(c).type)
+        ),
+        None,
+    )
+    for path in files[1:]:
+        try:
+            other = pq.read_schema(path)
+        except Exception as error:
+            raise SourceError(f"cannot read Parquet file {path}: {error}") from None
+        if image_column and image_column not in other.names:
+            raise SourceError(f"{path} lacks the image column {image_column!r} of {files[0]}")
+    if image_column:
+        return Source(
+            "parquet", files, f"{len(files)} Parquet image shards", image_column=image_column
+        )
+    if url_column in schema.names:
+        description = f"URL list ({len(files)} Parquet files)"
+        return Source("urls", files, description, url_column=url_column)
+    raise SourceError(
+        f"Parquet source {files[0]} has neither an image column ({', '.join(IMAGE_COLUMNS)}) "
+        f"nor a {url_column!r} column; columns: {schema.names}"
+    )
+
+
+def _holds_image_bytes(dtype: pa.DataType) -> bool:
+    if pa.types.is_struct(dtype):
+        return dtype.get_field_index("bytes") >= 0
+    return pa.types.is_binary(dtype) or pa.types.is_large_binary(dtype)
+
+
+# -- URL lists ----------------------------------------------------------------------------------
+
+
+def _url_batches(path: Path) -> Iterator[pa.RecordBatch]:
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".txt":
+            yield from _txt_batches(path)
+        elif suffix in (".csv", ".tsv"):
+            parse = pacsv.ParseOptions(delimiter="\t" if suffix == ".tsv" else ",")
+            # Every column as text: metadata is passed through, never reinterpreted.
+            names = pacsv.open_csv(path, parse_options=parse).schema.names
+            convert = pacsv.ConvertOptions(column_types={n: pa.string() for n in names})
+            yield from pacsv.open_csv(path, parse_options=parse, convert_options=convert)
+        elif suffix == ".jsonl":
+            # Streamed; the columns are inferred from the first block (16 MiB of lines).
+            yield from pajson.open_json(path, read_options=pajson.ReadOptions(block_size=16 << 20))
+        else:
+            yield from pq.ParquetFile(path).iter_batches(batch_size=8192)
+    except (pa.ArrowInvalid, OSError) as error:
+        raise SourceError(f"cannot read URL list {path}: {error}") from None
+
+
+def _txt_batches(path: Path, batch_rows: int = 8192) -> Iterator[pa.RecordBatch]:
+    urls: list[str] = []
+    with open(path, encoding="utf-8", errors="replace") as handle:
+        for line in handle:
+            line = line.strip()
+            if not line or line.startswith("#"):
+                continue
+            urls.append(line)
+            if len(urls) == batch_rows:
+                yield pa.record_batch({"url": urls})
+                urls = []
+    if urls:
+        yield pa.record_batch({"url": urls})
+
+
+def _check_url_column(path: Path, url_column: str) -> None:
+    if path.suffix.lower() == ".txt":
+        return
+    for batch in _url_batches(path):
+        if url_column not in batch.schema.names:
+            raise SourceError(
+                f"URL list {path} has no {url_column!r} column; columns: {batch.schema.names}"
+            )
+        return
+
+
+def _count_url_rows(path: Path, url_column: str) -> int:
+    if path.suffix.lower() == ".parquet":
+        return pq.ParquetFile(path).metadata.num_rows
+    return sum(batch.num_rows for batch in _url_batches(path))
+
+
+def _url_parts(files: list[Path], url_column: str, shard_size: int) -> Iterator[SourcePart]:
+    index = 0
+    items: list[tuple[str, str]] = []
+    for path in files:
+        for batch in _url_batches(path):
+            if url_column not in batch.schema.names:
+                raise SourceError(f"URL list {path} has no {url_column!r} column")
+            for row in batch.to_pylist():
+                url = row.pop(url_column)
+                items.append((str(url).strip() if url is not None else "", _metadata_json(row)))
+                if len(items) == shard_size:
+                    yield SourcePart(index=index, kind="urls", items=tuple(items))
+                    index += 1
+                    items = []
+    if items:
+        yield SourcePart(index=index, kind="urls", items=tuple(items))
+
+
+def _metadata_json(row: dict[str, Any]) -> str:
+    return json.dumps({k: v for k, v in row.items() if v is not None}, default=str)
+
+
+# -- local files --------------------------------------------------------------------------------
+
+
+def _file_parts(files: list[Path], shard_size: int) -> Iterator[SourcePart]:
+    for index, start in enumerate(range(0, len(files), shard_size)):
+        paths = tuple(str(p.resolve()) for p in files[start : start + shard_size])
+        yield SourcePart(index=index, kind="files", items=paths)
+
+
+# -- Parquet image shards -----------------------------------------------------------------------
+
+
+def _parquet_parts(
+    files: list[Path], image_column: str | None, shard_size: int
+) -> Iterator[SourcePart]:
+    index = 0
+    for path in files:
+        try:
+            meta = pq.ParquetFile(path).metadata
+        except (pa.ArrowException, OSError) as error:
+            raise SourceError(f"cannot read Parquet file {path}: {error}") from None
+        groups: list[int] = []
+        rows = 0
+        for group in range(meta.num_row_groups):
+            groups.append(group)
+            rows += meta.row_group(group).num_rows
+            if rows >= shard_size:
+                yield SourcePart(
+                    index,
+                    "parquet",
+                    path=str(path),
+                    row_groups=tuple(groups),
+                    image_column=image_column,
+                )
+                index += 1
+                groups, rows = [], 0
+        if groups:
+            yield SourcePart(
+                index,
+                "parquet",
+                path=str(path),
+                row_groups=tuple(groups),
+                image_column=image_column,
+            )
+            index += 1
+
+
+# -- reading the items of a local part (runs in the worker) ------------------------------------
+
+Item = tuple[str, str, bytes | Rejected]  # uri, metadata JSON, bytes or why there are none
+
+
+def read_local_items(part: SourcePart) -> Iterator[Item]:
+    """The items of a files, tar or parquet part, in source order."""
+    if part.kind == "files":
+        for path in part.items:
+            try:
+                with open(path, "rb") as handle:
+                    data: bytes | Rejected = handle.read()
+            except OSError as error:
+                data = Rejected(Reason.READ_ERROR, f"{type(error).__name__}: {error}")
+            yield path, "{}", data
+    elif part.kind == "tar":
+        yield from _tar_items(part.path or "")
+    elif part.kind == "parquet":
+        yield from _parquet_items(part)
+    else:
+        raise ValueError(f"part kind {part.kind!r} is not local")
+
+
+def _split_member(name: str) -> tuple[str, str]:
+    # WebDataset: the key is the member path up to the first dot of its base name.
+    directory, _, base = name.rpartition("/")
+    stem, dot, ext = base.partition(".")
+    return (f"{directory}/{stem}" if directory else stem), ext.lower()
+
+
+def _tar_sample(tar_path: str, key: str, members: dict[str, bytes]) -> Item:
+    metadata: dict[str, Any] = {"key": key}
+    if "json" in members:
+        try:
+            value = json.loads(members["json"])
+            metadata.update(value if isinstance(value, dict) else {"json": value})
+        except ValueError:
+            metadata["json"] = members["json"].decode("utf-8", "replace")
+    for ext in ("txt", "cls"):
+        if ext in members:
+            metadata[ext] = members[ext].decode("utf-8", "replace").strip()
+    image_ext = next((e for e in TAR_IMAGE_EXTENSIONS if e in members), None)
+    if image_ext is None:
+        uri = f"{tar_path}#{key}"
+        rejected = Rejected(Reason.NOT_AN_IMAGE, f"sample has no image member: {sorted(members)}")
+        return uri, json.dumps(metadata), rejected
+    return f"{tar_path}#{key}.{image_ext}", json.dumps(metadata, default=str), members[image_ext]
+
+
+def _tar_items(tar_path: str) -> Iterator[Item]:
+    key: str | None = None
+    members: dict[str, bytes] = {}
+    try:
+        # Streaming mode: a shard is read once, front to back, whatever its size.
+        with tarfile.open(tar_path, "r|*") as tar:
+            for member in tar:
+                if not member.isfile():
+                    continue
+                member_key, ext = _split_member(member.name)
+                if key is not None and member_key != key:
+                    yield _tar_sample(tar_path, key, members)
+                    members = {}
+                key = member_key
+                handle = tar.extractfile(member)
+                members[ext] = handle.read() if handle else b""
+    except (tarfile.TarError, OSError, EOFError) as error:
+        if key is not None:
+            yield _tar_sample(tar_path, key, members)
+            key = None
+        detail = f"tar unreadable past this point: {type(error).__name__}: {error}"
+        yield f"{tar_path}#", "{}", Rejected(Reason.READ_ERROR, detail)
+    if key is not None:
+        yield _tar_sample(tar_path, key, members)
+
+
+def _parquet_items(part: SourcePart) -> Iterator[Item]:
+    assert part.path and part.image_column
+    try:
+        parquet = pq.ParquetFile(part.path)
+        table = parquet.read_row_groups(list(part.row_groups))
+    except (pa.ArrowException, OSError) as error:
+        # A damaged shard loses its rows, not the job: one error row stands for the part.
+        groups = ",".join(map(str, part.row_groups))
+        detail = f"row groups {groups} unreadable: {type(error).__name__}: {error}"
+        yield f"{part.path}#row-groups={groups}", "{}", Rejected(Reason.READ_ERROR, detail)
+        return
+    first_row = sum(parquet.metadata.row_group(g).num_rows for g in range(part.row_groups[0]))
+    binary_columns = {
+        f.name for f in table.schema if _holds_image_bytes(f.type) or f.name == part.image_column
+    }
+    for offset, row in enumerate(table.to_pylist()):
+        value = row.get(part.image_column)
+        data = value.get("bytes") if isinstance(value, dict) else value
+        struct_path = value.get("path") if isinstance(value, dict) else None
+        uri = row.get("url") or struct_path or f"{part.path}#{first_row + offset}"
+        metadata = _metadata_json({k: v for k, v in row.items() if k not in binary_columns})
+        if data is None:
+            yield str(uri), metadata, Rejected(Reason.EMPTY, "image bytes are null")
+        else:
+            yield str(uri), metadata, data

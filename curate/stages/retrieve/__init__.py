@@ -1,0 +1,1 @@
+"""The retrieve stage: crawl images picked for each seed set by its policy."""
