@@ -16,6 +16,7 @@ from typing import Any
 import duckdb
 
 from curate.core.shards import PartResult, ShardRef
+from curate.core.sql import path_list, quote_name
 from schemas.catalog import CATALOG_DDL, STAGE_VIEWS
 from schemas.errors import ConflictError, InternalError, NotFoundError
 from schemas.job import JobSpec
@@ -55,14 +56,6 @@ _EMPTY_ERRORS = (
     )
     + " LIMIT 0)"
 )
-
-
-def _quote(name: str) -> str:
-    return '"' + name.replace('"', '""') + '"'
-
-
-def _sql_list(paths: list[Path]) -> str:
-    return "[" + ", ".join("'" + str(p).replace("'", "''") + "'" for p in paths) + "]"
 
 
 class Catalog:
@@ -327,11 +320,11 @@ class Catalog:
             by_stage: dict[str, dict[str, list[Path]]] = {}
             for stage, kind, path in rows:
                 by_stage.setdefault(stage, {}).setdefault(kind, []).append(self.absolute(path))
-            schema = _quote(job_id)
+            schema = quote_name(job_id)
             con.execute(f"CREATE SCHEMA IF NOT EXISTS {schema}")
             for stage, kinds in by_stage.items():
                 sources = {
-                    kind: f"read_parquet({_sql_list(paths)}, union_by_name = true)"
+                    kind: f"read_parquet({path_list(paths)}, union_by_name = true)"
                     for kind, paths in kinds.items()
                 }
                 # A stage without errors writes no errors shards; its errors view is then empty.
@@ -339,7 +332,7 @@ class Catalog:
                     sources["errors"] = _EMPTY_ERRORS
                 for view, template in STAGE_VIEWS.get(stage, {}).items():
                     con.execute(
-                        f"CREATE OR REPLACE VIEW {schema}.{_quote(view)} AS "
+                        f"CREATE OR REPLACE VIEW {schema}.{quote_name(view)} AS "
                         + template.format(**sources)
                     )
 

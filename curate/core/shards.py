@@ -1,14 +1,14 @@
 """Parquet shards that exist whole or not at all."""
 
 import hashlib
-import os
-import uuid
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from curate.core.atomic import publish, temporary_name
 
 _ROW_GROUP_ROWS = 1024
 
@@ -75,7 +75,7 @@ class ShardWriter:
         self.rows = 0
         self.info: ShardInfo | None = None
         path.parent.mkdir(parents=True, exist_ok=True)
-        self._tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+        self._tmp = temporary_name(path)
         self._writer = pq.ParquetWriter(self._tmp, schema, **_writer_options(schema))
 
     def write(self, table: pa.Table) -> None:
@@ -90,11 +90,9 @@ class ShardWriter:
             self._writer.close()
             if error is not None:
                 return
-            with open(self._tmp, "rb+") as handle:
-                os.fsync(handle.fileno())
             checksum = file_sha256(self._tmp)
             size = self._tmp.stat().st_size
-            os.replace(self._tmp, self.path)
+            publish(self._tmp, self.path)
             self.info = ShardInfo(path=self.path, rows=self.rows, bytes=size, checksum=checksum)
         finally:
             self._tmp.unlink(missing_ok=True)
