@@ -42,13 +42,9 @@ from PIL import Image, ImageDraw, ImageEnhance, ImageFilter, ImageFont, ImageOps
 from curate.demo import FileKind, generate_demo, planted_counts
 from curate.stages.dedup.grouping import connected_components
 from curate.stages.dedup.knn_graph import EXACT_BELOW, copy_edges
-from curate.stages.dedup.pca_hash import (
-    HAMMING_RADIUS,
-    PHASH_RADIUS,
-    PCAHasher,
-    hash_features_batch,
-    near_duplicate_pairs,
-)
+from curate.stages.dedup.pca_hash.basis import PCAHasher
+from curate.stages.dedup.pca_hash.features import hash_features_batch
+from curate.stages.dedup.pca_hash.search import HAMMING_RADIUS, PHASH_RADIUS, near_duplicate_pairs
 from curate.stages.ingest.decode import load_rgb
 
 BENCH = Path(__file__).resolve().parent
@@ -65,7 +61,15 @@ TARGETS = {
 COPY_THRESHOLD = 0.6  # copy_edges' default
 COPY_COSINE = (0.75, 0.9)  # planted copies' cosine to their source
 # The library code under test; its hashes are recorded, as the working tree may differ from HEAD.
-MEASURED = ("curate/dedup/pca_hash.py", "curate/dedup/grouping.py", "curate/dedup/knn_graph.py")
+MEASURED = (
+    "curate/stages/dedup/pca_hash/features.py",
+    "curate/stages/dedup/pca_hash/basis.py",
+    "curate/stages/dedup/pca_hash/codes.py",
+    "curate/stages/dedup/pca_hash/tables.py",
+    "curate/stages/dedup/pca_hash/search.py",
+    "curate/stages/dedup/grouping.py",
+    "curate/stages/dedup/knn_graph.py",
+)
 RSS_NOTE = (
     "Memory: peak RSS during the call (VmHWM of /proc/self/status, reset with "
     "/proc/self/clear_refs just before it; not getrusage, whose ru_maxrss a spawned process "

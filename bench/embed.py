@@ -42,7 +42,12 @@ BENCH = Path(__file__).resolve().parent
 WORK = BENCH / "work" / "embed"
 RESULTS = BENCH / "results"
 TARGET = 0.85  # stage images/s over bare forward images/s
-MEASURED = ("curate/embed.py", "curate/models.py", "pipelines/embedding.py")
+MEASURED = (
+    "curate/stages/embed/embedder.py",
+    "curate/stages/embed/model.py",
+    "curate/core/weights.py",
+    "pipelines/embedding.py",
+)
 # Dense bf16 tensor-core peaks (no sparsity), by device-name fragment, FLOP/s.
 GPU_PEAKS = {
     "H200": 989e12,

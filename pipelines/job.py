@@ -4,13 +4,10 @@ import secrets
 from datetime import datetime
 
 from curate.catalog import Catalog
+from curate.core.stage import JobRun
 from curate.settings import Settings
-from curate.stages.dedup.eval_sets import check_eval_sets
-from curate.stages.embed.model import check_spec
-from curate.stages.ingest.sources import detect_source
-from curate.stages.retrieve.seed_cache import check_seed_sets
-from pipelines.runner import init_ray
-from pipelines.stages import STAGE_RUNNERS, JobContext, copy_model_of, embed_model_of
+from pipelines.executor import RayCompute, init_ray, run_stage
+from pipelines.registry import job_stages
 from schemas.job import JobSpec
 
 
@@ -19,27 +16,23 @@ def new_job_id() -> str:
 
 
 def run_job(spec: JobSpec, settings: Settings, log=print) -> dict:
-    """Run (or resume) the job; returns its catalog report. Raises on an unusable source."""
+    """Run (or resume) the job; returns its catalog report. Raises a CurateError on unusable
+    input before anything is recorded."""
     spec = spec.model_copy(update={"job_id": spec.job_id or new_job_id()})
     assert spec.job_id
-    # The source is checked before the job is recorded: an unreadable source starts nothing.
-    source = detect_source(spec.source, spec.ingest.url_column)
     catalog = Catalog(settings.catalog_file, settings.data_root)
-    if "dedup" in spec.stages():
-        background = [spec.dedup.copy_background] if spec.dedup.copy_background else []
-        check_eval_sets(spec.eval_sets + background, catalog, copy_model_of(settings))
-    if "retrieve" in spec.stages():
-        check_seed_sets(spec.seeds, catalog)
-    if "embed" in spec.stages():
-        check_spec(embed_model_of(settings, spec))
+    job = JobRun(spec, settings, catalog, RayCompute(progress=settings.progress))
+    stages = job_stages(spec)
+    # Every stage checks its input before the job is recorded: a bad source, an unregistered
+    # seed set or a missing model starts nothing.
+    found = [note for stage in stages if (note := stage.check(job))]
     resumed = catalog.open_job(spec)
-    log(f"{'resuming' if resumed else 'starting'} job {spec.job_id}: {source.description}")
+    log(f"{'resuming' if resumed else 'starting'} job {spec.job_id}: {'; '.join(found)}")
     catalog.set_job_status(spec.job_id, "running")
-    ctx = JobContext(spec=spec, settings=settings, catalog=catalog, source=source)
     try:
         init_ray(settings)
-        for stage in spec.stages():
-            STAGE_RUNNERS[stage](ctx)
+        for stage in stages:
+            run_stage(stage, job)
     except BaseException as error:
         message = "interrupted" if isinstance(error, KeyboardInterrupt) else str(error)
         catalog.set_job_status(spec.job_id, "failed", message)

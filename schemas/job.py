@@ -2,6 +2,7 @@
 parse into."""
 
 import re
+from enum import StrEnum
 from typing import Any, Literal
 
 from pydantic import (
@@ -15,11 +16,28 @@ from pydantic import (
 
 from schemas.errors import InputError
 
-# Stages in pipeline order.
-STAGES: tuple[str, ...] = ("ingest", "dedup", "embed", "cluster", "retrieve", "curated")
-Stage = Literal["ingest", "dedup", "embed", "cluster", "retrieve", "curated"]
+
+class StageName(StrEnum):
+    """Every stage's name, in pipeline order: the one place a stage's name is written. It names
+    the stage's folder under the job, its catalog rows and, for the stages a job can stop at, its
+    options section of JobSpec."""
+
+    INGEST = "ingest"
+    # dedup's per-image features (hash inputs, copy descriptors): committed part by part of its
+    # own, but run, configured and stopped at as part of dedup.
+    DEDUP_FEATURES = "dedup_features"
+    DEDUP = "dedup"
+    EMBED = "embed"
+    CLUSTER = "cluster"
+    RETRIEVE = "retrieve"
+    CURATED = "curated"
+
+
+# The stages a job names (`until`, the options sections), in pipeline order.
+STAGES: tuple[str, ...] = tuple(s.value for s in StageName if s is not StageName.DEDUP_FEATURES)
+Stage = Literal[STAGES]  # type: ignore[valid-type]
 # Stages that only make sense with seed sets to retrieve for.
-SEEDED_STAGES = ("retrieve", "curated")
+SEEDED_STAGES = (StageName.RETRIEVE.value, StageName.CURATED.value)
 NAME_PATTERN = r"^[a-z0-9][a-z0-9_.-]{0,62}$"
 
 JOB_ID_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,62}$"

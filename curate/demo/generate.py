@@ -18,6 +18,7 @@ from pathlib import Path
 from PIL import Image
 from tqdm import tqdm
 
+from curate.core.atomic import write_text
 from curate.demo.classes import CLASSES, SEED_CLASSES, _rng, _Stream
 from curate.demo.manifest import MANIFEST_NAME, DemoFile, DemoManifest, FileKind, load_manifest
 from curate.demo.planted import (
@@ -215,8 +216,6 @@ def generate_demo(
     for name in (CRAWL_DIR, SEED_DIR.split("/")[0]):
         (staging / name).rename(out_dir / name)
     manifest = DemoManifest(seed=seed, count=count, files=tuple(files))
-    partial = out_dir / (MANIFEST_NAME + ".partial")
-    partial.write_text(manifest.to_json())
-    partial.rename(out_dir / MANIFEST_NAME)
+    write_text(out_dir / MANIFEST_NAME, manifest.to_json())
     staging.rmdir()
     return manifest

@@ -30,9 +30,11 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 
-from schemas.errors import DataError
+from curate.train.runtime import fenced_rngs
+from schemas.errors import ConflictError, DataError
 from schemas.train import TrainConfig
 
+CHECKPOINTS = "checkpoints"  # a run folder's checkpoints, one `step-NNNNNNNN` folder each
 PREFIX = "step-"
 PARTIAL = ".partial"
 META = "meta.json"
@@ -42,6 +44,12 @@ class CheckpointError(DataError, ValueError):
     """A checkpoint folder that is missing, incomplete or does not fit this run."""
 
     code = "checkpoint_invalid"
+
+
+class CheckpointConflict(ConflictError, CheckpointError):
+    """A run folder whose checkpoints belong to another run: other settings or other shards."""
+
+    code = "checkpoint_conflict"
 
 
 @dataclass
@@ -144,12 +152,8 @@ def save_checkpoint(
     Random states are left as they were: the run goes on from exactly the RNG state that
     `rank_state` holds, as a run resumed from this checkpoint will.
     """
-    python_rng = random.getstate()
-    devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
-    with torch.random.fork_rng(devices=devices):
-        path = _save(root, step, config, student, teacher, optimizer, train_state, rank_state, keep)
-    random.setstate(python_rng)
-    return path
+    with fenced_rngs():
+        return _save(root, step, config, student, teacher, optimizer, train_state, rank_state, keep)
 
 
 def _save(

@@ -24,170 +24,39 @@ by (seed, pass, rank, stream row), each batch's masks from (seed, pass, rank, ba
 
 Resuming at DataPosition(pass, batches) recomputes the plan and starts reading at the window
 holding row batches*B: nothing before it is read or decoded.
+
+Finding and checking the shards is curate.train.shards; steps 1 to 3 (the plan) and reading a
+window's rows are curate.train.windows; this module builds and orders the batches.
 """
 
-import bisect
-import glob
 import itertools
-import logging
 import random
 from collections.abc import Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
-import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 from PIL import Image
 from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from curate.settings import Settings
 from curate.stages.ingest.decode import load_rgb
 from curate.train.augment import MaskingConfig, MultiCrop, MultiCropConfig, block_masks
-from schemas.errors import DataError
+from curate.train.shards import ShardsError, shard_row_groups
+from curate.train.windows import PassPlan, plan_pass, shard_windows, window_images
 
-log = logging.getLogger(__name__)
-
-IMAGE_COLUMN = "image"
 # Rows shuffled together: bounds a worker's memory (its share of one window's encoded images)
 # while mixing across several of write_shard's 1024-row row groups.
 WINDOW_ROWS = 2048
-_GLOB_CHARS = set("*?[")
 
 
-class ShardsError(DataError, ValueError):
-    """Training data that cannot be used: nothing found, or a shard that is not curated Parquet."""
-
-    code = "train_shards_invalid"
-
-
-# -- finding shards --------------------------------------------------------------------------
-
-
-def shard_row_groups(path: Path) -> list[int]:
-    """Rows per row group of a curated shard, read from its footer; ShardsError if unusable."""
-    try:
-        metadata = pq.ParquetFile(path).metadata
-    except (OSError, pa.ArrowException) as error:
-        raise ShardsError(f"{path}: not a readable Parquet file ({error})") from None
-    schema = metadata.schema.to_arrow_schema()
-    index = schema.get_field_index(IMAGE_COLUMN)
-    if index < 0:
-        raise ShardsError(
-            f"{path}: no `{IMAGE_COLUMN}` column (has {', '.join(schema.names)}); "
-            "expected a curated shard"
-        )
-    dtype = schema.field(index).type
-    if not (pa.types.is_struct(dtype) and dtype.get_field_index("bytes") >= 0):
-        raise ShardsError(f"{path}: `{IMAGE_COLUMN}` is {dtype}, not a {{bytes, path}} struct")
-    return [metadata.row_group(g).num_rows for g in range(metadata.num_row_groups)]
-
-
-def _job_shards(job_id: str, settings: Settings) -> list[Path]:
-    from curate.catalog import Catalog, CatalogError
-
-    catalog_file = settings.catalog_file
-    if not catalog_file.exists():
-        raise ShardsError(
-            f"{job_id!r} is not a file, folder or glob, and there is no catalog at {catalog_file} "
-            "to look it up as a job id"
-        )
-    try:
-        paths = Catalog(catalog_file, settings.data_root).shard_paths(job_id, "curated")
-    except CatalogError as error:
-        raise ShardsError(f"job {job_id!r}: {error}") from None
-    if not paths:
-        raise ShardsError(
-            f"{job_id!r} is not a file, folder or glob, nor a job with curated shards in "
-            f"{catalog_file}"
-        )
-    missing = [path for path in paths if not path.is_file()]
-    if missing:
-        raise ShardsError(
-            f"job {job_id!r}: {len(missing)} registered curated shard(s) missing, "
-            f"first {missing[0]}"
-        )
-    return paths
-
-
-def resolve_shards(source: str, settings: Settings | None = None) -> list[Path]:
-    """A folder of .parquet, a glob, a single file, or a job id (its `curated` shards through the
-    catalog, curate.catalog.Catalog(settings.catalog_file, settings.data_root).shard_paths(job,
-    "curated")). Raises ShardsError naming the source when nothing usable is found."""
-    if not source:
-        raise ShardsError("no training data given: expected a folder, glob, file or job id")
-    path = Path(source).expanduser()
-    if path.is_dir():
-        # Dot-prefixed names are write_shard's temporaries, never whole shards.
-        files = sorted(p for p in path.glob("*.parquet") if p.is_file() and p.name[0] != ".")
-        if not files:
-            raise ShardsError(f"{source}: folder holds no .parquet shards")
-    elif path.is_file():
-        files = [path]
-    elif _GLOB_CHARS & set(source):
-        files = sorted(Path(p) for p in glob.glob(str(path), recursive=True) if Path(p).is_file())
-        if not files:
-            raise ShardsError(f"{source}: glob matches no files")
-    else:
-        files = _job_shards(source, settings or Settings())
-    for file in files:
-        shard_row_groups(file)
-    return files
-
-
-# -- the per-pass plan ------------------------------------------------------------------------
+# -- positions and batches ------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
 class DataPosition:
     pass_index: int = 0  # how many full passes over the shards this rank has finished
     batches: int = 0  # batches this rank has consumed in the current pass
-
-
-@dataclass(frozen=True)
-class _Window:
-    """Whole consecutive row groups of one shard, shuffled together; a rank may own only the
-    positions [lo, hi) of the shuffled order (a window on a boundary between ranks)."""
-
-    file: int
-    groups: tuple[int, ...]
-    group_rows: tuple[int, ...]
-    lo: int = 0
-    hi: int | None = None  # None: to the end
-
-    @property
-    def full_rows(self) -> int:
-        return sum(self.group_rows)
-
-    @property
-    def rows(self) -> int:
-        return (self.full_rows if self.hi is None else self.hi) - self.lo
-
-    def part(self, lo: int, hi: int) -> "_Window":
-        """Positions [lo, hi) of this window's own rows."""
-        return replace(self, lo=self.lo + lo, hi=self.lo + hi)
-
-
-def _windows(file: int, group_rows: list[int], window_rows: int) -> list[_Window]:
-    windows, groups, rows = [], [], []
-    for group, n in enumerate(group_rows):
-        if n == 0:
-            continue
-        groups.append(group)
-        rows.append(n)
-        if sum(rows) >= window_rows:
-            windows.append(_Window(file, tuple(groups), tuple(rows)))
-            groups, rows = [], []
-    if groups:
-        windows.append(_Window(file, tuple(groups), tuple(rows)))
-    return windows
-
-
-@dataclass(frozen=True)
-class _PassPlan:
-    windows: tuple[_Window, ...]  # this rank's, in stream order
-    batches: int  # batches every rank yields in this pass
 
 
 @dataclass
@@ -242,79 +111,24 @@ class _Stream:
         self.masking = masking
         self.grid = crops.global_size // patch_size
         self.multicrop = MultiCrop(crops)
-        self.windows = [_windows(f, rows, window_rows) for f, rows in enumerate(group_rows)]
+        self.windows = [shard_windows(f, rows, window_rows) for f, rows in enumerate(group_rows)]
         self.total_rows = sum(w.rows for ws in self.windows for w in ws)
-        self._plans: dict[int, _PassPlan] = {}
+        self._plans: dict[int, PassPlan] = {}
 
-    def plan(self, pass_index: int) -> _PassPlan:
+    def plan(self, pass_index: int) -> PassPlan:
         """This rank's windows and every rank's batch count in one pass (cached)."""
         if pass_index not in self._plans:
             if len(self._plans) > 4:
                 self._plans.clear()
-            self._plans[pass_index] = self._make_plan(pass_index)
-        return self._plans[pass_index]
-
-    def _make_plan(self, pass_index: int) -> _PassPlan:
-        rng = random.Random(f"shards:{self.seed}:{pass_index}")
-        order = list(range(len(self.files)))
-        rng.shuffle(order)
-        sequence: list[_Window] = []
-        for file in order:
-            windows = list(self.windows[file])
-            rng.shuffle(windows)
-            sequence += windows
-        # Contiguous ranges of equal rows: a window across a boundary is split between ranks, so
-        # even a dataset of one row group feeds every rank.
-        bounds = [r * self.total_rows // self.world_size for r in range(self.world_size + 1)]
-        per_rank: list[list[_Window]] = [[] for _ in range(self.world_size)]
-        before = 0
-        for window in sequence:
-            start, end = before, before + window.rows
-            for rank in range(self.world_size):
-                lo, hi = max(start, bounds[rank]), min(end, bounds[rank + 1])
-                if hi > lo:
-                    whole = (lo, hi) == (start, end)
-                    per_rank[rank].append(window if whole else window.part(lo - start, hi - start))
-            before = end
-        rows = [sum(w.rows for w in windows) for windows in per_rank]
-        batches = min(rows) // self.batch_size
-        if batches == 0:
-            raise ShardsError(
-                f"pass {pass_index}: {self.total_rows} rows in {len(self.files)} shard(s), cut "
-                f"into {len(sequence)} window(s), give the ranks {rows} rows: too few for "
-                f"{self.world_size} rank(s) of batch size {self.batch_size}"
+            self._plans[pass_index] = plan_pass(
+                self.windows,
+                seed=self.seed,
+                pass_index=pass_index,
+                rank=self.rank,
+                world_size=self.world_size,
+                batch_size=self.batch_size,
             )
-        return _PassPlan(tuple(per_rank[self.rank]), batches)
-
-    def _window_bytes(
-        self, window: _Window, pass_index: int, wanted: list[int]
-    ) -> dict[int, bytes | None]:
-        """The image bytes of the window's shuffled rows `wanted` (positions in the window)."""
-        order = list(range(window.full_rows))
-        random.Random(f"rows:{self.seed}:{pass_index}:{window.file}:{window.groups[0]}").shuffle(
-            order
-        )
-        by_group: dict[int, list[tuple[int, int]]] = {}
-        starts = list(itertools.accumulate(window.group_rows, initial=0))
-        for position in wanted:
-            row = order[window.lo + position]
-            slot = bisect.bisect_right(starts, row) - 1
-            by_group.setdefault(slot, []).append((position, row - starts[slot]))
-        path = self.files[window.file]
-        out: dict[int, bytes | None] = {}
-        try:
-            with pq.ParquetFile(path) as shard:
-                # Row group by row group: only one group's encoded images are in memory at once
-                # besides the rows kept.
-                for slot in sorted(by_group):
-                    picks = by_group[slot]
-                    table = shard.read_row_group(window.groups[slot], columns=[IMAGE_COLUMN])
-                    images = table.column(IMAGE_COLUMN).take(pa.array([r for _, r in picks]))
-                    for (position, _), image in zip(picks, images.to_pylist(), strict=True):
-                        out[position] = None if image is None else image.get("bytes")
-        except (OSError, pa.ArrowException) as error:
-            raise ShardsError(f"{path}: cannot read row groups {window.groups}: {error}") from None
-        return out
+        return self._plans[pass_index]
 
     def rows(self, pass_index: int, first: int, wanted) -> Iterator[tuple[int, bytes | None]]:
         """(stream row, bytes) for the rows >= `first` for which `wanted(row)`, in stream order."""
@@ -331,7 +145,9 @@ class _Stream:
                 continue
             positions = [row - base for row in range(lo, hi) if wanted(row)]
             if positions:
-                data = self._window_bytes(window, pass_index, positions)
+                data = window_images(
+                    self.files[window.file], window, self.seed, pass_index, positions
+                )
                 for position in positions:
                     yield base + position, data[position]
 

@@ -14,6 +14,7 @@ from safetensors.torch import save_file
 from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
+from curate.core.atomic import atomic_path
 from curate.stages.embed.model import EXPORT_FORMAT as FORMAT
 from curate.train.checkpoint import checkpoint_config, load_teacher, read_meta
 from curate.train.model import SSLNetwork
@@ -43,16 +44,14 @@ def save_backbone(
 ) -> Path:
     """Write backbone tensors and their metadata to `out` (atomically)."""
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     metadata = {
         "format": FORMAT,
         "arch": arch,
         "img_size": str(img_size),
         "patch_size": str(patch_size),
     }
-    tmp = out.with_name(f".{out.name}.tmp")
-    save_file(tensors, str(tmp), metadata=metadata)
-    tmp.replace(out)
+    with atomic_path(out) as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)
     return out
 
 

@@ -15,7 +15,7 @@ from PIL import Image, UnidentifiedImageError
 from torch import Tensor, nn
 from torchvision.transforms import v2
 
-from schemas.errors import DataError
+from schemas.errors import DataError, NotFoundError
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -26,6 +26,12 @@ class KnnDataError(DataError, ValueError):
     """A labelled folder that cannot be evaluated on (missing, no classes, too few images)."""
 
     code = "knn_data_invalid"
+
+
+class KnnFolderNotFound(NotFoundError, KnnDataError):
+    """A labelled folder path that names no folder."""
+
+    code = "knn_folder_not_found"
 
 
 @dataclass(frozen=True)
@@ -48,7 +54,7 @@ def labelled_folder(root: Path) -> LabelledImages:
     """Every image under root/<class>/ (recursively), classes in name order."""
     root = Path(root)
     if not root.is_dir():
-        raise KnnDataError(f"{root}: labelled image folder not found")
+        raise KnnFolderNotFound(f"{root}: labelled image folder not found")
     classes = sorted(p.name for p in root.iterdir() if p.is_dir())
     paths: list[Path] = []
     labels: list[int] = []

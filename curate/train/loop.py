@@ -1,242 +1,38 @@
-"""The DINO + iBOT + KoLeo training loop: one CPU process to many GPUs, resumable, monitored.
+"""The DINO + iBOT + KoLeo training run: one CPU process to many GPUs, resumable, monitored.
 
-Launched as a plain process (no process group) or by torchrun (gloo on CPU, NCCL on GPU), in
-which case student and teacher are sharded with FSDP2, one unit per transformer block. Every
-iteration: schedules -> teacher targets (softmax centring or Sinkhorn-Knopp) -> student loss ->
-clipped AdamW step -> EMA teacher. Loss terms are averaged over ranks every step, so a NaN or
-inf on any rank stops every rank at once, naming the step, the term and the last checkpoint.
+`train` sets the run up (curate.train.setup), then steps (curate.train.step) until the schedule's
+end, `stop_after` or the time limit, writing a metrics line every `log_every` steps, a checkpoint
+every `checkpoint_every` and a k-NN evaluation every `knn_every`, each also at the end; a run
+that reaches its end exports the teacher backbone.
 """
 
 import json
-import logging
-import math
-import os
-import random
 import time
-import warnings
 from collections.abc import Callable, Iterator
-from contextlib import nullcontext
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from torch import Tensor, nn
-from torch.distributed.tensor import DTensor
 from tqdm import tqdm
 
 from curate.train import losses
-from curate.train.checkpoint import (
-    CheckpointError,
-    RankState,
-    checkpoint_config,
-    latest_checkpoint,
-    load_checkpoint,
-    save_checkpoint,
-    saved_data_pass,
-)
+from curate.train.checkpoint import CHECKPOINTS, RankState, save_checkpoint
 from curate.train.export import gather_backbone, save_backbone
-from curate.train.model import (
-    SSLNetwork,
-    StudentOutput,
-    TeacherOutput,
-    build_student_teacher,
-    param_groups,
+from curate.train.runtime import Runtime, compute_dtype, fenced_rngs, init_runtime
+from curate.train.setup import (
+    StartPoint,
+    build_learner,
+    open_run_folder,
+    resume_from,
+    train_entries,
 )
-from curate.train.schedules import apply_to_optimizer, step_values
-from schemas.errors import InternalError
-from schemas.train import LossOptions, TrainConfig
-
-log = logging.getLogger(__name__)
+from curate.train.step import Learner, StepOutcome, autocast_for, train_step
+from schemas.train import TrainConfig
 
 METRICS = "metrics.jsonl"
 EXPORT = "teacher_backbone.safetensors"
-CHECKPOINTS = "checkpoints"
-LOSS_TERMS = ("dino_local", "dino_global", "ibot", "koleo")
-
-
-class NonFiniteLossError(InternalError, RuntimeError):
-    """A loss term became NaN or infinite; the run stopped before the optimizer step."""
-
-    code = "non_finite_loss"
-
-
-# -- processes and devices -------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Runtime:
-    rank: int
-    world_size: int
-    device: torch.device
-    created_group: bool  # this run initialised the process group, so it also destroys it
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-
-def init_runtime() -> Runtime:
-    """Join torchrun's process group when launched by it (NCCL on GPU, gloo on CPU)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    cuda = torch.cuda.is_available()
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
-    if cuda:
-        torch.cuda.set_device(device)
-    created = False
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if cuda else "gloo")
-        created = True
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    world = dist.get_world_size() if dist.is_initialized() else 1
-    return Runtime(rank=rank, world_size=world, device=device, created_group=created)
-
-
-def compute_dtype(config: TrainConfig, device: torch.device) -> torch.dtype:
-    """bfloat16 on GPU and float32 on CPU unless the config says otherwise."""
-    if config.mixed_precision == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return torch.bfloat16 if config.mixed_precision == "bf16" else torch.float32
-
-
-def shard_network(network: SSLNetwork, runtime: Runtime, dtype: torch.dtype) -> None:
-    """FSDP2: one unit per transformer block, the rest (tokens, norms, heads) in the root."""
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-
-    # The networks return slices (class tokens, logits split by crop kind); nothing downstream
-    # modifies them in place, which is what FSDP2's warning about views is for.
-    warnings.filterwarnings("ignore", message=".*returned a view tensor.*")
-    mesh = init_device_mesh(runtime.device.type, (runtime.world_size,))
-    policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
-    for block in network.backbone.blocks:
-        fully_shard(block, mesh=mesh, mp_policy=policy)
-    fully_shard(network, mesh=mesh, mp_policy=policy)
-
-
-def _rng_devices() -> list[int]:
-    return [torch.cuda.current_device()] if torch.cuda.is_available() else []
-
-
-def _next_batch(batches: Iterator):
-    """The next batch, with the global RNGs fenced off from the data pipeline.
-
-    torch's DataLoader draws its seed from the global RNG when it starts: without the fence a
-    resumed run (which starts its loader later) would draw other drop-path masks.
-    """
-    python_rng = random.getstate()
-    with torch.random.fork_rng(devices=_rng_devices()):
-        batch = next(batches)
-    random.setstate(python_rng)
-    return batch
-
-
-def _local(tensor: Tensor) -> Tensor:
-    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
-
-
-@torch.no_grad()
-def update_teacher(student: nn.Module, teacher: nn.Module, momentum: float) -> None:
-    """teacher <- momentum * teacher + (1 - momentum) * student, shard by shard."""
-    # Matched by name: FSDP may register a module's parameters in another order.
-    student_params = dict(student.named_parameters())
-    names = [name for name, _ in teacher.named_parameters()]
-    teacher_params = [_local(p) for _, p in teacher.named_parameters()]
-    student_params = [_local(student_params[name].detach()) for name in names]
-    torch._foreach_mul_(teacher_params, momentum)
-    torch._foreach_add_(teacher_params, student_params, alpha=1.0 - momentum)
-
-
-def clip_gradients(student: SSLNetwork, max_norm: float | None) -> None:
-    """Clip backbone (with mask token) and each head separately, as the reference does."""
-    if max_norm is None:
-        return
-    parts = [list(student.backbone.parameters()) + [student.mask_token]]
-    parts.append(list(student.dino_head.parameters()))
-    if student.ibot_head is not None:
-        parts.append(list(student.ibot_head.parameters()))
-    for params in parts:
-        with_grad = [p for p in params if p.grad is not None]
-        if with_grad:
-            torch.nn.utils.clip_grad_norm_(with_grad, max_norm)
-
-
-# -- the objective ---------------------------------------------------------------------------------
-
-
-@dataclass
-class Centers:
-    """Softmax-centring state: the EMA centres of the DINO and iBOT teacher logits."""
-
-    dino: Tensor
-    ibot: Tensor
-
-    def as_state(self) -> dict[str, Tensor]:
-        """The centres as checkpoint entries (the same tensors, loaded in place)."""
-        return {"dino_center": self.dino, "ibot_center": self.ibot}
-
-
-def teacher_targets(
-    teacher: TeacherOutput, options: LossOptions, temp: float, centers: Centers, n_images: int
-) -> tuple[Tensor, Tensor]:
-    """Teacher probabilities for the class tokens (views swapped) and the masked patches."""
-    cls_logits = teacher.global_logits
-    # Student view 0 learns from teacher view 1 and the other way round.
-    cls_logits = torch.cat([cls_logits[n_images:], cls_logits[:n_images]])
-    if options.centering == "sinkhorn":
-        iterations = options.sinkhorn_iterations
-        cls_probs = losses.sinkhorn_knopp(cls_logits, temp, iterations)
-        patch_probs = losses.sinkhorn_knopp(teacher.patch_logits, temp, iterations)
-        return cls_probs, patch_probs
-    cls_probs = losses.softmax_center(cls_logits, centers.dino, temp)
-    patch_probs = losses.softmax_center(teacher.patch_logits, centers.ibot, temp)
-    centers.dino.copy_(losses.update_center(centers.dino, cls_logits, options.center_momentum))
-    if teacher.patch_logits.shape[0] > 0 or losses.world_size() > 1:
-        patch_logits = teacher.patch_logits
-        if patch_logits.shape[0] == 0:
-            # A rank without masked tokens still joins the collective, with the old centre.
-            patch_logits = centers.ibot
-        centers.ibot.copy_(
-            losses.update_center(centers.ibot, patch_logits, options.center_momentum)
-        )
-    return cls_probs, patch_probs
-
-
-def ssl_loss_terms(
-    student: StudentOutput,
-    cls_probs: Tensor,
-    patch_probs: Tensor,
-    masks: Tensor,
-    options: LossOptions,
-    n_local: int,
-) -> dict[str, Tensor]:
-    """The reference's weighted loss terms; their sum is the training loss."""
-    temp = options.student_temp
-    teacher_views = list(cls_probs.chunk(2))
-    # The reference normalises by the number of (student, teacher) view pairs it sums over,
-    # counting the local pairs as at least 1 (dinov2/train/ssl_meta_arch.py).
-    pairs = 2 * 1 + max(2 * n_local, 1)
-    terms: dict[str, Tensor] = {}
-    if n_local > 0:
-        local = losses.dino_loss(list(student.local_logits.chunk(n_local)), teacher_views, temp)
-        terms["dino_local"] = options.dino_weight * local / pairs
-    else:
-        terms["dino_local"] = cls_probs.new_zeros(())
-    # Mean over both global views in one pass, hence the factor 2 (the reference's loss_scales).
-    glob = losses.dino_loss([student.global_logits], [cls_probs], temp)
-    terms["dino_global"] = options.dino_weight * glob * 2 / pairs
-    # The reference scales iBOT by loss_scales (2) * 1 / n_global_crops (1/2).
-    terms["ibot"] = options.ibot_weight * losses.ibot_loss(
-        student.patch_logits, patch_probs, masks, temp
-    )
-    terms["koleo"] = options.koleo_weight * sum(
-        losses.koleo_loss(view) for view in student.global_cls.chunk(2)
-    )
-    return terms
-
-
-# -- the run ---------------------------------------------------------------------------------------
 
 
 @dataclass
@@ -284,36 +80,10 @@ def default_loader(
     )
 
 
-def _data_position(data_pass: int, batches: int):
+def _data_position(start: StartPoint):
     from curate.train.data import DataPosition
 
-    return DataPosition(pass_index=data_pass, batches=batches)
-
-
-def _check_resumable(saved: TrainConfig, config: TrainConfig, where: Path) -> None:
-    for name in ("model", "crops", "batch_size", "seed"):
-        if getattr(saved, name) != getattr(config, name):
-            raise CheckpointError(
-                f"{where} was trained with a different `{name}`; resume with the same one "
-                "(or train into another --out folder)"
-            )
-
-
-DATA_MANIFEST = "data.json"
-
-
-def _data_manifest(files: list[Path]) -> list[list]:
-    """The shards a run reads, as (name, bytes): the batch sequence is a function of them."""
-    return [[Path(f).name, Path(f).stat().st_size] for f in files]
-
-
-def _check_same_data(path: Path, data: list[list]) -> None:
-    """A resumed run must read the shards it started on, or its batches would differ."""
-    if path.exists() and json.loads(path.read_text()) != data:
-        raise CheckpointError(
-            f"the training shards changed since this run started (see {path}); resume with the "
-            "same data, or train into another --out folder"
-        )
+    return DataPosition(pass_index=start.data_pass, batches=start.data_batches)
 
 
 class _Logger:
@@ -330,24 +100,6 @@ class _Logger:
         if self.enabled:
             with open(self.path, "a") as handle:
                 handle.write(json.dumps(line) + "\n")
-
-
-def _knn_eval(
-    teacher: nn.Module, config: TrainConfig, runtime: Runtime, folder: Path
-) -> dict | None:
-    """k-NN accuracy of the teacher backbone on rank 0; collective (gathers the weights)."""
-    tensors = gather_backbone(teacher)
-    result = None
-    if runtime.is_main:
-        # Fenced off from the global RNGs, like the data: building a model draws random
-        # initial weights, and a run resumed after this step must draw what this one draws.
-        python_rng = random.getstate()
-        with torch.random.fork_rng(devices=_rng_devices()):
-            result = _knn_on_main(tensors, config, runtime, folder)
-        random.setstate(python_rng)
-    if runtime.world_size > 1:
-        dist.barrier()
-    return result
 
 
 def _knn_on_main(tensors: dict, config: TrainConfig, runtime: Runtime, folder: Path) -> dict:
@@ -374,6 +126,142 @@ def _knn_on_main(tensors: dict, config: TrainConfig, runtime: Runtime, folder: P
     return {"knn_accuracy": knn.accuracy, "knn_queries": knn.queries, "knn_bank": knn.bank}
 
 
+@dataclass
+class _Run:
+    """One call of `train` from its first step to its end, and what the steps share."""
+
+    config: TrainConfig
+    runtime: Runtime
+    learner: Learner
+    train_state: dict[str, torch.Tensor]  # the checkpoint's `train` entries
+    loader: object
+    autocast: AbstractContextManager  # mixed precision of the forward passes
+    ckpt_root: Path
+    logger: _Logger
+    result: RunResult
+    step: int  # steps done so far
+    end: int = 0  # the step this call stops after; the time limit may bring it forward
+    time_limit_s: float | None = None
+    knn_folder: Path | None = None  # evaluated on every `knn_every` steps when given
+
+    @property
+    def knn_due(self) -> bool:
+        return self.knn_folder is not None and self.config.knn_every is not None
+
+    def evaluate_knn(self) -> None:
+        """k-NN accuracy of the teacher backbone on rank 0; collective (gathers the weights)."""
+        tensors = gather_backbone(self.learner.teacher)
+        line = None
+        if self.runtime.is_main:
+            # Fenced off from the global RNGs, like the data: building a model draws random
+            # initial weights, and a run resumed after this step must draw what this one draws.
+            with fenced_rngs():
+                line = _knn_on_main(tensors, self.config, self.runtime, Path(self.knn_folder))
+        if self.runtime.world_size > 1:
+            dist.barrier()
+        if line is not None:
+            line = {"step": self.step, **line}
+            self.result.knn.append(line)
+            self.logger.write(line)
+
+    def steps(self, progress: bool) -> None:
+        """Train until `end`: step, then the metrics line, checkpoint and k-NN when due."""
+        bar = tqdm(
+            total=self.end,
+            initial=self.step,
+            disable=not (progress and self.runtime.is_main),
+            unit="step",
+            dynamic_ncols=True,
+        )
+        batches: Iterator = iter(self.loader)
+        images_per_step = self.config.batch_size * self.runtime.world_size
+        window_start, window_steps = time.perf_counter(), 0
+        loop_start = time.monotonic()
+        self.learner.student.train()
+        self.learner.teacher.eval()
+        while self.step < self.end:
+            # The global RNGs fenced off from the data pipeline: torch's DataLoader draws its
+            # seed from the global RNG when it starts, so without the fence a resumed run (which
+            # starts its loader later) would draw other drop-path masks.
+            with fenced_rngs():
+                batch = next(batches)
+            outcome = train_step(
+                self.learner,
+                batch,
+                self.config,
+                self.step,
+                self.runtime,
+                self.autocast,
+                self.result.checkpoint,
+            )
+            self.step += 1
+            window_steps += 1
+            bar.update(1)
+            if self.time_limit_s is not None and self.step < self.end:
+                self._stop_if_late(time.monotonic() - loop_start)
+            logged = self.step % self.config.log_every == 0 or self.step == self.end
+            if logged:
+                elapsed = time.perf_counter() - window_start
+                rate = images_per_step * window_steps / max(elapsed, 1e-9)
+                line = self._metrics_line(outcome, rate)
+                bar.set_postfix(loss=f"{line['loss']:.3f}")
+            if self.step % self.config.checkpoint_every == 0 or self.step == self.end:
+                self._checkpoint()
+            if self.knn_due and (self.step % self.config.knn_every == 0 or self.step == self.end):
+                self.evaluate_knn()
+            if logged:
+                # Here, so that images/s counts training steps, not checkpoints and evaluations.
+                window_start, window_steps = time.perf_counter(), 0
+        bar.close()
+
+    def _stop_if_late(self, elapsed: float) -> None:
+        late = elapsed > self.time_limit_s
+        # Every rank must stop at the same step, or the others wait in a collective.
+        flag = losses.all_reduce_sum(torch.tensor(float(late), device=self.runtime.device))
+        if flag.item() > 0:
+            self.result.out_of_time = True
+            self.end = self.step
+
+    def _metrics_line(self, outcome: StepOutcome, images_per_s: float) -> dict:
+        line = {
+            "step": self.step,
+            **outcome.metrics(),
+            "images_per_s": images_per_s,
+            "bad_images": int(getattr(self.loader, "bad_images", 0)),
+        }
+        self.logger.write(line)
+        return line
+
+    def _checkpoint(self) -> None:
+        self.train_state["step"].fill_(self.step)
+        position = self.loader.position
+        self.result.checkpoint = save_checkpoint(
+            self.ckpt_root,
+            self.step,
+            self.config,
+            self.learner.student,
+            self.learner.teacher,
+            self.learner.optimizer,
+            self.train_state,
+            RankState.capture(position.pass_index, position.batches),
+            self.config.keep_checkpoints,
+        )
+
+    def export(self, out: Path) -> None:
+        """The teacher backbone as safetensors, written by rank 0; collective."""
+        tensors = gather_backbone(self.learner.teacher)
+        if self.runtime.is_main:
+            self.result.export = save_backbone(
+                tensors,
+                out,
+                self.config.model.arch,
+                self.config.crops.global_size,
+                self.learner.student.patch_size,
+            )
+        if self.runtime.world_size > 1:
+            dist.barrier()
+
+
 def train(
     config: TrainConfig,
     files: list[Path],
@@ -397,228 +285,50 @@ def train(
     out_dir = Path(out_dir)
     runtime = init_runtime()
     try:
-        return _train(
-            config,
-            files,
-            out_dir,
-            runtime,
-            resume,
-            stop_after,
-            time_limit_s,
-            knn_folder,
-            progress,
-            export,
-            make_loader,
-        )
+        run = _start(config, files, out_dir, runtime, resume, make_loader)
+        run.end = min(config.steps, stop_after) if stop_after is not None else config.steps
+        run.time_limit_s = time_limit_s
+        run.knn_folder = knn_folder
+        if run.knn_due and run.step == 0:
+            run.evaluate_knn()
+        run.steps(progress)
+        run.result.steps_done = run.step
+        run.result.metrics = run.logger.lines
+        if export and (run.step >= config.steps or run.result.out_of_time):
+            run.export(out_dir / EXPORT)
+        return run.result
     finally:
         if runtime.created_group:
             dist.destroy_process_group()
 
 
-def _train(
+def _start(
     config: TrainConfig,
     files: list[Path],
     out_dir: Path,
     runtime: Runtime,
     resume: bool,
-    stop_after: int | None,
-    time_limit_s: float | None,
-    knn_folder: Path | None,
-    progress: bool,
-    export: bool,
     make_loader: LoaderFactory,
-) -> RunResult:
-    ckpt_root = out_dir / CHECKPOINTS
-    start = latest_checkpoint(ckpt_root) if resume else None
-    if start is None and not resume and latest_checkpoint(ckpt_root) is not None:
-        # Every rank sees the same folder, so every rank raises: none is left in a collective.
-        raise CheckpointError(f"{out_dir} already holds checkpoints: resume, or use a new folder")
-    data = _data_manifest(files)
-    if start is not None:
-        _check_resumable(checkpoint_config(start), config, start)
-        _check_same_data(out_dir / DATA_MANIFEST, data)
-    if runtime.is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "config.yaml").write_text(config.to_yaml())
-        (out_dir / DATA_MANIFEST).write_text(json.dumps(data, indent=1) + "\n")
-
+) -> _Run:
+    """The run before its first step: folder checked, learner built, checkpoint loaded, loader
+    positioned. The order of the random draws here is what makes a resumed run exact."""
+    start = open_run_folder(config, files, out_dir, runtime, resume)
     dtype = compute_dtype(config, runtime.device)
-    student, teacher = build_student_teacher(config.model, config.crops.global_size, config.seed)
-    student.to(runtime.device)
-    teacher.to(runtime.device)
-    if runtime.world_size > 1:
-        shard_network(student, runtime, dtype)
-        shard_network(teacher, runtime, dtype)
-    optimizer = torch.optim.AdamW(
-        param_groups(student, config.optim.layerwise_decay, config.optim.patch_embed_lr_mult),
-        lr=0.0,
-        betas=tuple(config.optim.betas),
-    )
-    k_ibot = config.model.ibot_prototypes or config.model.prototypes
-    if not config.model.separate_ibot_head:
-        k_ibot = config.model.prototypes
-    centers = Centers(
-        dino=torch.zeros(1, config.model.prototypes, device=runtime.device),
-        ibot=torch.zeros(1, k_ibot, device=runtime.device),
-    )
-    step_tensor = torch.zeros((), dtype=torch.int64)
-    train_state = {"step": step_tensor, **centers.as_state()}
-
+    learner = build_learner(config, runtime, dtype)
+    train_state = train_entries(learner)
     # Each rank draws its own drop-path masks.
     torch.manual_seed(config.seed * 100_003 + runtime.rank + 1)
-    step, data_pass, data_batches = 0, 0, 0
-    if start is not None:
-        rank_state = load_checkpoint(start, student, teacher, optimizer, train_state)
-        step = int(train_state["step"])
-        if rank_state is None:
-            log.warning(
-                "%s was written by a different number of ranks: weights and optimizer resume, "
-                "the data order restarts with the next pass",
-                start,
-            )
-            data_pass = saved_data_pass(start) + 1
-        else:
-            rank_state.restore_rng()
-            data_pass, data_batches = rank_state.data_pass, rank_state.data_batches
-        log.info("resumed from %s at step %d", start, step)
-
-    loader = make_loader(
-        files, config, runtime, student.patch_size, _data_position(data_pass, data_batches)
+    point = StartPoint() if start is None else resume_from(start, learner, train_state)
+    loader = make_loader(files, config, runtime, learner.student.patch_size, _data_position(point))
+    return _Run(
+        config=config,
+        runtime=runtime,
+        learner=learner,
+        train_state=train_state,
+        loader=loader,
+        autocast=autocast_for(runtime.device, dtype),
+        ckpt_root=out_dir / CHECKPOINTS,
+        logger=_Logger(out_dir / METRICS, runtime.is_main),
+        result=RunResult(steps_done=point.step, checkpoint=start),
+        step=point.step,
     )
-    logger = _Logger(out_dir / METRICS, runtime.is_main)
-    result = RunResult(steps_done=step, checkpoint=start)
-    end = min(config.steps, stop_after) if stop_after is not None else config.steps
-    knn_due = knn_folder is not None and config.knn_every is not None
-
-    if knn_due and step == 0:
-        line = _knn_eval(teacher, config, runtime, Path(knn_folder))
-        if line is not None:
-            line = {"step": 0, **line}
-            result.knn.append(line)
-            logger.write(line)
-
-    autocast = (
-        torch.autocast(device_type=runtime.device.type, dtype=dtype)
-        if dtype != torch.float32
-        else nullcontext()
-    )
-    bar = tqdm(
-        total=end,
-        initial=step,
-        disable=not (progress and runtime.is_main),
-        unit="step",
-        dynamic_ncols=True,
-    )
-    batches: Iterator = iter(loader)
-    images_per_step = config.batch_size * runtime.world_size
-    window_start, window_steps = time.perf_counter(), 0
-    loop_start = time.monotonic()
-    out_of_time = False
-    student.train()
-    teacher.eval()
-    while step < end:
-        batch = _next_batch(batches)
-        values = step_values(config, step, runtime.world_size)
-        apply_to_optimizer(optimizer, values)
-        global_crops = batch.global_crops.to(runtime.device, non_blocking=True)
-        local_crops = batch.local_crops.to(runtime.device, non_blocking=True)
-        masks = batch.masks.to(runtime.device, non_blocking=True)
-        n_images = global_crops.shape[0] // 2
-        with autocast:
-            with torch.no_grad():
-                teacher_out = teacher(global_crops, None, masks, teacher=True)
-                if hasattr(teacher, "reshard"):
-                    # FSDP2 keeps a root's parameters gathered after forward, expecting a
-                    # backward; the teacher has none, and its EMA update works on shards.
-                    teacher.reshard()
-                cls_probs, patch_probs = teacher_targets(
-                    teacher_out, config.loss, values.teacher_temp, centers, n_images
-                )
-            student_out = student(global_crops, local_crops, masks)
-            terms = ssl_loss_terms(
-                student_out, cls_probs, patch_probs, masks, config.loss, config.crops.n_local
-            )
-        loss = sum(terms.values())
-        reported = (
-            losses.all_reduce_sum(torch.stack([t.detach().float() for t in terms.values()]))
-            / runtime.world_size
-        )
-        for name, value in zip(terms, reported.tolist(), strict=True):
-            if not math.isfinite(value):
-                where = result.checkpoint or "none written yet"
-                # Numbered like the metrics lines: iteration step + 1 is the one that failed.
-                raise NonFiniteLossError(
-                    f"step {step + 1}: loss term {name} is {value}; last good checkpoint: {where}"
-                )
-        loss.backward()
-        clip_gradients(student, config.optim.clip_grad)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        update_teacher(student, teacher, values.momentum)
-        step += 1
-        window_steps += 1
-        bar.update(1)
-        if time_limit_s is not None and step < end:
-            late = time.monotonic() - loop_start > time_limit_s
-            # Every rank must stop at the same step, or the others wait in a collective.
-            flag = losses.all_reduce_sum(torch.tensor(float(late), device=runtime.device))
-            if flag.item() > 0:
-                out_of_time = True
-                end = step
-
-        logged = step % config.log_every == 0 or step == end
-        if logged:
-            elapsed = time.perf_counter() - window_start
-            line = {
-                "step": step,
-                "loss": float(reported.sum()),
-                **{name: float(v) for name, v in zip(terms, reported.tolist(), strict=True)},
-                "lr": values.lr,
-                "weight_decay": values.weight_decay,
-                "momentum": values.momentum,
-                "teacher_temp": values.teacher_temp,
-                "images_per_s": images_per_step * window_steps / max(elapsed, 1e-9),
-                "bad_images": int(getattr(loader, "bad_images", 0)),
-            }
-            logger.write(line)
-            bar.set_postfix(loss=f"{line['loss']:.3f}")
-        if step % config.checkpoint_every == 0 or step == end:
-            train_state["step"].fill_(step)
-            position = loader.position
-            result.checkpoint = save_checkpoint(
-                ckpt_root,
-                step,
-                config,
-                student,
-                teacher,
-                optimizer,
-                train_state,
-                RankState.capture(position.pass_index, position.batches),
-                config.keep_checkpoints,
-            )
-        if knn_due and (step % config.knn_every == 0 or step == end):
-            line = _knn_eval(teacher, config, runtime, Path(knn_folder))
-            if line is not None:
-                line = {"step": step, **line}
-                result.knn.append(line)
-                logger.write(line)
-        if logged:
-            # Here, so that images/s counts training steps, not checkpoints and evaluations.
-            window_start, window_steps = time.perf_counter(), 0
-    bar.close()
-    result.steps_done = step
-    result.metrics = logger.lines
-    result.out_of_time = out_of_time
-    if export and (step >= config.steps or out_of_time):
-        tensors = gather_backbone(teacher)
-        if runtime.is_main:
-            result.export = save_backbone(
-                tensors,
-                out_dir / EXPORT,
-                config.model.arch,
-                config.crops.global_size,
-                student.patch_size,
-            )
-        if runtime.world_size > 1:
-            dist.barrier()
-    return result

@@ -13,15 +13,16 @@ import pyarrow.parquet as pq
 import pytest
 
 from curate.catalog import Catalog
-from curate.core.shards import write_shard
-from curate.stages.curated.assemble import (
-    SelectionError,
-    gather_bucket,
-    scatter_path,
-    scatter_source,
-    select,
-)
+from curate.core.shards import PartResult, ShardInfo, file_sha256, write_shard
+from curate.core.stage import JobRun
+from curate.settings import Settings
 from curate.stages.curated.card import dataset_stats, write_dataset_card
+from curate.stages.curated.layout import scatter_path
+from curate.stages.curated.select import SelectionError, select
+from curate.stages.curated.shuffle import gather_bucket, scatter_source
+from curate.stages.curated.stage import STAGE as CURATED_STAGE
+from curate.stages.retrieve.stage import pin_seed_sets
+from pipelines.executor import RayCompute, run_stage
 from schemas.job import parse_job_spec
 from schemas.shards import INGEST, RETRIEVE
 from tests.images import encode, jpeg, photo
@@ -178,7 +179,7 @@ def test_every_selected_image_once_with_its_best_match_and_bytes(
 ):
     # batch_rows 1: every bucket spans many record batches and every take many slices, the
     # layout a bucket with more than 2 GiB of image bytes gets.
-    monkeypatch.setattr("curate.stages.curated.assemble._BATCH_ROWS", batch_rows)
+    monkeypatch.setattr("curate.stages.curated.shuffle._BATCH_ROWS", batch_rows)
     shards = assemble_locally(
         corpus, tmp_path / "work", tmp_path / "out", target_size=None, rows_per_shard=4
     )
@@ -385,7 +386,7 @@ def test_dataset_card_and_stats(corpus, tmp_path):
 
 # -- on Ray, with the catalog ---------------------------------------------------------------------
 
-# run_assemble in a fresh process that SIGKILLs itself before a chosen curated commit: that
+# The curated stage in a fresh process that SIGKILLs itself before a chosen curated commit: that
 # bucket's shard is renamed into place but not registered.
 DRIVER = (
     KILL_HOOK
@@ -395,67 +396,60 @@ from pathlib import Path
 
 import ray
 
-from pipelines.assembly import run_assemble
+from tests.integration.test_assemble import run_curated
 
 args = json.loads(sys.argv[1])
-crawl = {int(k): Path(v) for k, v in args["ingest"].items()}
-seeds = {n: {int(k): Path(v) for k, v in m.items()} for n, m in args["seed_ingest"].items()}
-
-
-def ingest_path_of(method, seed_set, part):
-    return seeds[seed_set][part] if method == "as-is" else crawl[part]
-
-
 ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
-catalog = Catalog(Path(args["catalog"]), Path(args["root"]))
-catalog.start_stage(args["job"], "curated", None)
-run_assemble(catalog, args["job"], ingest_path_of=ingest_path_of, progress=False,
-             **{k: args[k] for k in ("target_size", "rows_per_shard", "seed")},
-             retrieve_paths=[Path(p) for p in args["retrieve"]],
-             out_dir=Path(args["out"]), work_dir=Path(args["work"]))
+run_curated(Path(args["root"]), args["options"])
 """
 )
 
 
-def test_run_assemble_commits_each_bucket_once_and_resumes_after_sigkill(
+def register_job_inputs(catalog: Catalog, corpus: dict) -> None:
+    """The corpus as job JOB's committed ingest and retrieve parts, with retrieval's pin of the
+    seed set's ingest shards: what the curated stage reads of an earlier run."""
+    for stage, shards in (
+        ("ingest", sorted(corpus["ingest"].items())),
+        ("retrieve", list(enumerate(corpus["retrieve"]))),
+    ):
+        for part, path in shards:
+            rows = pq.read_metadata(path).num_rows
+            info = ShardInfo(path, rows, path.stat().st_size, file_sha256(path))
+            catalog.commit_part(JOB, stage, PartResult(part, rows, rows, {"data": info}))
+    seeds = {n: {str(k): str(v) for k, v in m.items()} for n, m in corpus["seed_ingest"].items()}
+    pin_seed_sets(catalog.data_root / "jobs" / JOB / "retrieve", {"seed_sets": [], "ingest": seeds})
+
+
+def run_curated(root: Path, options: dict) -> None:
+    """The curated stage of job JOB through the executor, as `curate run` runs it."""
+    spec = parse_job_spec({"source": "/crawl", "job_id": JOB, "curated": options})
+    settings = Settings(data_root=root, progress=False)
+    catalog = Catalog(root / "catalog.duckdb", root)
+    run_stage(CURATED_STAGE, JobRun(spec, settings, catalog, RayCompute(progress=False)))
+
+
+def test_curated_stage_commits_each_bucket_once_and_resumes_after_sigkill(
     ray_local, corpus, tmp_path
 ):
-    from pipelines.assembly import run_assemble
-
     root = tmp_path / "data"
     catalog = Catalog(root / "catalog.duckdb", root)
     catalog.open_job(parse_job_spec({"source": "/crawl", "job_id": JOB}))
+    register_job_inputs(catalog, corpus)
     out, work = root / "jobs" / JOB / "curated", root / "jobs" / JOB / "curated" / "_work"
     options = {"target_size": 12, "rows_per_shard": 3, "seed": 3}
-    args = {
-        "catalog": str(catalog.path),
-        "root": str(root),
-        "job": JOB,
-        "ingest": {k: str(v) for k, v in corpus["ingest"].items()},
-        "seed_ingest": {
-            n: {k: str(v) for k, v in m.items()} for n, m in corpus["seed_ingest"].items()
-        },
-        "retrieve": [str(p) for p in corpus["retrieve"]],
-        "out": str(out),
-        "work": str(work),
-        **options,
-    }
     run_script_killed(
-        DRIVER, [json.dumps(args)], "curated", after=1, RAY_ENABLE_UV_RUN_RUNTIME_ENV="0"
+        DRIVER,
+        [json.dumps({"root": str(root), "options": options})],
+        "curated",
+        after=1,
+        RAY_ENABLE_UV_RUN_RUNTIME_ENV="0",
     )
     assert len(catalog.committed_parts(JOB, "curated")) == 1
     assert len(list(out.glob("part-*.parquet"))) > 1, "a shard is in place but unregistered"
     assert any(scatter_path(work, 0).parent.glob("*.arrow")), "scatter files wait for the resume"
 
-    common = {
-        "retrieve_paths": corpus["retrieve"],
-        "ingest_path_of": path_of(corpus),
-        "out_dir": out,
-        "work_dir": work,
-        "progress": False,
-        **options,
-    }
-    metrics = run_assemble(catalog, JOB, **common)
+    run_curated(root, options)
+    metrics = stage_metrics(catalog)
     buckets = metrics["shards"]
     assert metrics["images"] == 12 and metrics["selection"]["selected"] == 12
     assert catalog.committed_parts(JOB, "curated") == set(range(buckets))
@@ -464,6 +458,7 @@ def test_run_assemble_commits_each_bucket_once_and_resumes_after_sigkill(
     assert not list(out.glob(".*.tmp")) and not work.exists(), "intermediate files deleted"
     ids = [r["image_id"] for r in curated_rows(shards)]
     assert len(ids) == len(set(ids)) == 12 and set(ids) <= set(corpus["expected"])
+    assert (root / "jobs" / JOB / "README.md").is_file(), "the dataset card is written"
 
     # The same options uninterrupted, in this process: the same shards, row for row.
     reference = assemble_locally(corpus, tmp_path / "ref-work", tmp_path / "ref", **options)
@@ -471,5 +466,13 @@ def test_run_assemble_commits_each_bucket_once_and_resumes_after_sigkill(
         assert pq.read_table(mine).equals(pq.read_table(theirs))
 
     # A finished stage re-run commits nothing new and rewrites nothing.
-    again = run_assemble(catalog, JOB, **common)
-    assert again == metrics and catalog.committed_parts(JOB, "curated") == set(range(buckets))
+    written = {path: path.stat().st_mtime_ns for path in shards}
+    run_curated(root, options)
+    assert stage_metrics(catalog) == metrics
+    assert catalog.committed_parts(JOB, "curated") == set(range(buckets))
+    assert {path: path.stat().st_mtime_ns for path in shards} == written
+
+
+def stage_metrics(catalog: Catalog) -> dict:
+    (curated,) = [s for s in catalog.job_report(JOB)["stages"] if s["stage"] == "curated"]
+    return curated["metrics"]

@@ -12,7 +12,8 @@ from curate.catalog import Catalog
 from curate.core.shards import shard_name, write_shard
 from curate.stages.dedup.decide import Decisions, decide
 from curate.stages.dedup.features import list_column
-from curate.stages.dedup.pca_hash import FEATURE_DIM, PCAHasher
+from curate.stages.dedup.pca_hash.basis import PCAHasher
+from curate.stages.dedup.pca_hash.features import FEATURE_DIM
 from pipelines.job import run_job
 from schemas.job import DedupOptions, parse_job_spec
 from schemas.shards import DEDUP_FEATURES

@@ -23,9 +23,10 @@ from curate.stages.embed.embedder import (
     resize_side,
     write_embed_part,
 )
-from curate.stages.embed.model import ModelSpec, WeightsError, load_backbone
-from pipelines.embedding import embed_parts
-from pipelines.runner import StageFailed
+from curate.stages.embed.model import ModelSpec, WeightsError, check_spec, load_backbone
+from curate.stages.embed.stage import STAGE as EMBED_STAGE
+from curate.stages.embed.stage import EmbedInputs
+from pipelines.executor import RayCompute, StageFailed
 from schemas.shards import DEDUP, EMBED, ERRORS, INGEST
 from tests.images import encode, jpeg, photo, truncated_jpeg
 
@@ -201,6 +202,24 @@ def test_write_embed_part_writes_embed_and_error_shards(tmp_path: Path) -> None:
     )
     with pytest.raises(ValueError, match="1 images but embeddings"):
         write_embed_part(clean, embeddings, tmp_path / "embed")
+
+
+def embed_parts(
+    inputs, spec, *, out_dir, image_size, batch_size, compile, done, commit, parts_total, progress
+) -> None:
+    """The embed stage's part work through the executor, as a job runs it: the model checked
+    first (the stage's `check`), then the parts through the pool of model workers."""
+    assert image_size == spec.img_size
+    check_spec(spec)
+    RayCompute(progress).map_parts(
+        EMBED_STAGE,
+        EmbedInputs(spec, out_dir, batch_size, compile),
+        inputs,
+        label="embed",
+        commit=commit,
+        done=frozenset(done),
+        total=parts_total,
+    )
 
 
 def _parts(tmp_path: Path, count: int) -> list[EmbedInput]:

@@ -11,7 +11,7 @@ import yaml
 
 from curate.catalog import Catalog
 from pipelines.job import run_job
-from pipelines.runner import StageFailed
+from pipelines.executor import StageFailed
 from schemas.job import parse_job_spec
 from tests.images import encode, photo
 from tests.kill import run_killed

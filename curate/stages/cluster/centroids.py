@@ -13,15 +13,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from curate.core.index import (
-    Hierarchy,
-    assign,
-    clusters_for,
-    hierarchical_kmeans,
-    read_embeddings,
-    train_kmeans,
-)
+from curate.core.atomic import atomic_path
 from curate.core.shards import PartResult, ShardRef, shard_name, write_shard
+from curate.core.vectors import read_embeddings
+from curate.stages.cluster.hierarchy import Hierarchy, hierarchical_kmeans
+from curate.stages.cluster.kmeans import assign, clusters_for, train_kmeans
 from schemas.shards import CLUSTER
 
 STAGE = "cluster"
@@ -56,10 +52,9 @@ def fit_centroids(
         centroids = train_kmeans(
             sample.vectors, k, niter=niter, seed=seed, max_points_per_centroid=points_per_centroid
         )
-        out_dir.mkdir(parents=True, exist_ok=True)
-        tmp = out_dir / f".{CENTROIDS}.tmp.npy"
-        np.save(tmp, centroids.astype(np.float32))
-        tmp.replace(path)
+        # Through a file handle: np.save given a name would append .npy to the temporary one.
+        with atomic_path(path) as tmp, open(tmp, "wb") as handle:
+            np.save(handle, centroids.astype(np.float32))
         seconds = time.perf_counter() - started
     else:
         seconds = 0.0
@@ -92,11 +87,9 @@ def fit_hierarchy(
     if not path.exists():
         sample = read_embeddings(embed_paths, sample=levels[0] * points_per_centroid, seed=seed)
         hierarchy = hierarchical_kmeans(sample.vectors, levels, niter=niter, seed=seed)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        # Whole or not at all: an existing file is reused as is by a resumed stage.
-        tmp = out_dir / f".{HIERARCHY}.tmp"
-        hierarchy.save(tmp)
-        tmp.replace(path)
+        # Whole or not at all (Hierarchy.save is atomic): an existing file is reused as is by a
+        # resumed stage.
+        hierarchy.save(path)
     return {"balanced_levels": levels}
 
 

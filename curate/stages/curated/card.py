@@ -1,8 +1,6 @@
 """The dataset card of a curated job: job_dir/README.md (Hugging Face style) and stats.json,
 from the catalog's report and the curated and cluster shards."""
 
-import os
-import uuid
 from collections.abc import Iterable
 from datetime import UTC, datetime
 from pathlib import Path
@@ -10,7 +8,9 @@ from typing import Any
 
 import duckdb
 
-from curate.stages.curated.assemble import STAGE, sql_literal, write_json
+from curate.core.atomic import write_json, write_text
+from curate.core.sql import read_parquet
+from curate.stages.curated.select import STAGE
 
 
 def _size_histogram(sizes: Iterable[int]) -> list[dict[str, int]]:
@@ -24,15 +24,11 @@ def _size_histogram(sizes: Iterable[int]) -> list[dict[str, int]]:
     ]
 
 
-def _read_parquet_sql(paths: list[Path]) -> str:
-    return "read_parquet([" + ", ".join(sql_literal(str(p)) for p in paths) + "])"
-
-
 def _curated_stats(con: duckdb.DuckDBPyConnection, curated: list[Path]) -> dict[str, Any]:
     if not curated:
         return {"images": 0, "shards": 0, "per_seed_set": {}, "per_method": {}}
     # Only the small columns are read: the image bytes never leave the files.
-    source = _read_parquet_sql(curated)
+    source = read_parquet(curated)
     images, similarity_mean, width, height, collided = con.execute(
         f"""
         SELECT count(*), avg(similarity), median(width), median(height),
@@ -67,7 +63,7 @@ def _cluster_stats(con: duckdb.DuckDBPyConnection, cluster: list[Path]) -> dict[
     sizes = [
         int(n)
         for (n,) in con.execute(
-            f"SELECT count(*) FROM {_read_parquet_sql(cluster)} GROUP BY cluster_id ORDER BY 1"
+            f"SELECT count(*) FROM {read_parquet(cluster)} GROUP BY cluster_id ORDER BY 1"
         ).fetchall()
     ]
     return {
@@ -285,11 +281,4 @@ def write_dataset_card(
     """Write job_dir/README.md (a Hugging Face-style dataset card) and job_dir/stats.json."""
     job_dir.mkdir(parents=True, exist_ok=True)
     write_json(job_dir / "stats.json", stats)
-    card = job_dir / "README.md"
-    tmp = card.with_name(f".{card.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        tmp.write_text(dataset_card(stats, job_id=job_id, spec=spec))
-        os.replace(tmp, card)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    write_text(job_dir / "README.md", dataset_card(stats, job_id=job_id, spec=spec))

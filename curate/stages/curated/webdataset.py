@@ -3,10 +3,8 @@
 
 import io
 import json
-import os
 import re
 import tarfile
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -15,6 +13,7 @@ import pyarrow.parquet as pq
 from PIL import Image
 from tqdm import tqdm
 
+from curate.core.atomic import publish, temporary_name
 from schemas.shards import CURATED
 
 # Leading bytes of the formats ingest stores, and the extensions WebDataset decoders expect.
@@ -88,7 +87,7 @@ class _TarSequence:
     def add(self, key: str, data: bytes, meta: dict[str, Any]) -> None:
         if self._tar is None:
             path = self.out_dir / f"{len(self.written):06d}.tar"
-            self._tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+            self._tmp = temporary_name(path)
             self._tar = tarfile.open(self._tmp, "w", format=tarfile.PAX_FORMAT)
             self._keys = set()
         if key in self._keys:
@@ -106,10 +105,8 @@ class _TarSequence:
         if self._tar is None or self._tmp is None:
             return
         self._tar.close()
-        with open(self._tmp, "rb+") as handle:
-            os.fsync(handle.fileno())
         path = self.out_dir / f"{len(self.written):06d}.tar"
-        os.replace(self._tmp, path)
+        publish(self._tmp, path)
         self.written.append(path)
         self._tar = self._tmp = None
 

@@ -7,7 +7,6 @@ treated as copies (DINOv2's LVD-142M setting); the kNN graph over them lives in 
 
 import logging
 import warnings
-import zipfile
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -20,6 +19,8 @@ from PIL import Image
 from torch import nn
 from torchvision.transforms import v2
 
+from curate.core.devices import pick_device
+from curate.core.weights import WRAPPER_PREFIXES, is_torchscript, read_state_dict, strip_wrappers
 from schemas.errors import ModelError
 
 log = logging.getLogger(__name__)
@@ -35,8 +36,9 @@ _TRUNKS = {
     "resnet50": (torchvision.models.resnet50, 2048),
     "resnet18": (torchvision.models.resnet18, 512),
 }
-# Wrappers that training code puts around a model: DDP, Lightning modules, torch.compile.
-_WRAPPER_PREFIXES = ("module.", "model.", "_orig_mod.")
+# Wrappers that training code puts around a model: DDP, torch.compile, and Lightning modules,
+# which hold the network as `model`.
+_WRAPPER_PREFIXES = (*WRAPPER_PREFIXES, "model.")
 
 
 class CopyWeightsError(ModelError, ValueError):
@@ -88,11 +90,6 @@ class SSCDNet(nn.Module):
         return F.normalize(self.projection(self.pool(self.trunk(x))), dim=-1)
 
 
-def pick_device() -> str:
-    """CUDA when a GPU is present, else CPU: the same code runs on both."""
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 def _warn(message: str) -> None:
     log.warning(message)
     warnings.warn(message, RuntimeWarning, stacklevel=3)
@@ -115,14 +112,6 @@ def warn_if_unweighted(path: Path | None, allow_random: bool) -> bool:
     return True
 
 
-def _is_torchscript(path: Path) -> bool:
-    # TorchScript archives carry compiled code and constants; torch.save archives only data.pkl.
-    if not zipfile.is_zipfile(path):
-        return False
-    with zipfile.ZipFile(path) as archive:
-        return any(name.endswith("/constants.pkl") for name in archive.namelist())
-
-
 def _load_torchscript(path: Path, device: str) -> nn.Module:
     with warnings.catch_warnings():
         # The published SSCD models exist only as TorchScript (besides state dicts), so the
@@ -131,34 +120,11 @@ def _load_torchscript(path: Path, device: str) -> nn.Module:
         return torch.jit.load(str(path), map_location=device)
 
 
-def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    if path.suffix == ".safetensors":
-        try:
-            from safetensors.torch import load_file
-        except ImportError as error:
-            raise CopyWeightsError(f"{path}: reading .safetensors needs `safetensors`") from error
-        return load_file(str(path))
-    # weights_only: a checkpoint is data, never code to run.
-    checkpoint = torch.load(str(path), map_location="cpu", weights_only=True)
-    for key in ("state_dict", "model"):
-        if isinstance(checkpoint, dict) and isinstance(checkpoint.get(key), dict):
-            checkpoint = checkpoint[key]
-            break
-    if not isinstance(checkpoint, dict):
-        raise CopyWeightsError(f"{path}: expected a state dict, found {type(checkpoint).__name__}")
-    return checkpoint
-
-
 def _canonical_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Strip wrapper prefixes and map SSCD's torchvision release layout onto SSCDNet's names."""
     renamed = {}
     for key, value in state.items():
-        stripped = True
-        while stripped:
-            stripped = False
-            for prefix in _WRAPPER_PREFIXES:
-                if key.startswith(prefix):
-                    key, stripped = key[len(prefix) :], True
+        key = strip_wrappers(key, _WRAPPER_PREFIXES)
         # SSCD's `*.torchvision.pt` files keep the whole torchvision ResNet under `backbone.`,
         # with GeM in place of avgpool (no weights) and the 512-d projection as `fc`.
         if key.startswith("backbone.fc."):
@@ -170,7 +136,8 @@ def _canonical_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def _load_state_dict(path: Path, device: str) -> nn.Module:
-    state = _canonical_keys(_read_state_dict(path))
+    checkpoint = read_state_dict(path, what="copy-descriptor weights", error=CopyWeightsError)
+    state = _canonical_keys(checkpoint.state)
     projection = state.get("projection.weight")
     trunk = "resnet18" if projection is not None and projection.shape[1] == 512 else "resnet50"
     dim = projection.shape[0] if projection is not None else DESCRIPTOR_DIM
@@ -191,7 +158,8 @@ def load_copy_descriptor(
     to run without them.
 
     path: a TorchScript file (the published `sscd_*.torchscript.pt`), a PyTorch state dict
-    (raw or under "state_dict"/"model"; SSCD's `*.torchvision.pt` included) or `.safetensors`.
+    (raw or in a training checkpoint, see `curate.core.weights`; SSCD's `*.torchvision.pt`
+    included) or safetensors.
     """
     device = device or pick_device()
     if path is None:
@@ -204,7 +172,7 @@ def load_copy_descriptor(
     try:
         model = (
             _load_torchscript(path, device)
-            if _is_torchscript(path)
+            if is_torchscript(path)
             else _load_state_dict(path, device)
         )
     except CopyWeightsError:

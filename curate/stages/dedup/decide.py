@@ -26,13 +26,9 @@ from curate.core.shards import PartResult, ShardRef, shard_name, write_shard
 from curate.stages.dedup.features import list_matrix
 from curate.stages.dedup.grouping import connected_components, representatives
 from curate.stages.dedup.knn_graph import MapSlices, contamination, copy_edges
-from curate.stages.dedup.pca_hash import (
-    HAMMING_RADIUS,
-    PHASH_RADIUS,
-    MapTables,
-    PCAHasher,
-    near_duplicate_pairs,
-)
+from curate.stages.dedup.pca_hash.basis import PCAHasher
+from curate.stages.dedup.pca_hash.search import HAMMING_RADIUS, PHASH_RADIUS, near_duplicate_pairs
+from curate.stages.dedup.pca_hash.tables import MapTables
 from schemas.job import DedupOptions
 from schemas.shards import DEDUP, DEDUP_FEATURES
 

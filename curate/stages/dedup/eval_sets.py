@@ -1,19 +1,24 @@
-"""Evaluation sets: ingested and described once per copy model, cached under the data root."""
+"""Evaluation sets: ingested and described once per copy model, cached under the data root.
+
+Copies of evaluation images are removed from the crawl (DINOv2's decontamination); the sets are
+registered by name (`curate eval-sets add`) and shared by every job that names them.
+"""
 
 import json
 from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
-import ray
 
 from curate.catalog import Catalog
-from curate.core.shards import ShardRef
+from curate.core import atomic
+from curate.core.shards import PartResult, ShardRef
+from curate.core.stage import JobRun, PartWork
 from curate.settings import Settings
 from curate.stages.dedup.decide import EvalSet
-from curate.stages.dedup.features import CopyModelSpec, dedup_features_part, list_matrix
-from curate.stages.ingest.part import ingest_part
+from curate.stages.dedup.features import CopyModelSpec, list_matrix
 from curate.stages.ingest.sources import detect_source
+from curate.stages.ingest.stage import STAGE as INGEST
 from schemas.errors import InputError
 from schemas.job import DedupOptions, IngestOptions
 
@@ -26,31 +31,43 @@ class EvalSetError(InputError, ValueError):
     code = "eval_set_invalid"
 
 
+def _part(result: PartResult) -> int:
+    return result.part
+
+
 def _cache_dir(settings: Settings, name: str, copy_model: CopyModelSpec) -> Path:
     return settings.data_root / "eval_sets" / name / copy_model.fingerprint()
 
 
-def _describe(location: str, copy_model: CopyModelSpec, settings: Settings, cache: Path) -> None:
-    """Ingest the set with default options and compute its copy descriptors, on Ray."""
+def _describe(
+    name: str, location: str, copy_model: CopyModelSpec, job: JobRun, features: PartWork
+) -> None:
+    """Ingest the set with default options and compute its copy descriptors, on the cluster."""
+    cache = _cache_dir(job.settings, name, copy_model)
     source = detect_source(location)
-    ingest = ray.remote(ingest_part)
     options = IngestOptions()
-    results = ray.get(
-        [
-            ingest.remote(part, options, settings.crawl_settings(), cache / "ingest")
-            for part in source.parts(options.shard_size)
-        ]
+    ingested: list[PartResult] = []
+    job.compute.map_parts(
+        INGEST,
+        (options, job.settings.crawl_settings(), cache / "ingest"),
+        source.parts(options.shard_size),
+        label=f"eval set {name}: ingest",
+        commit=ingested.append,
+        total=source.parts_total(options.shard_size),
     )
-    describe = ray.remote(dedup_features_part)
-    shards = [ShardRef(r.part, r.shards["data"].path) for r in results]
-    described = ray.get(
-        [describe.remote(s, DedupOptions(), copy_model, cache / "features") for s in shards]
+    described: list[PartResult] = []
+    shards = [ShardRef(r.part, r.shards["data"].path) for r in sorted(ingested, key=_part)]
+    job.compute.map_parts(
+        features,
+        (DedupOptions(), copy_model, cache / "features"),
+        shards,
+        label=f"eval set {name}: describe",
+        commit=described.append,
+        total=len(shards),
     )
-    manifest = {"location": location, "features": [str(r.shards["data"].path) for r in described]}
+    features_shards = [str(r.shards["data"].path) for r in sorted(described, key=_part)]
     # Written whole or not at all: a torn manifest would fail every later run.
-    tmp = cache / f".{_COMPLETE}.tmp"
-    tmp.write_text(json.dumps(manifest, indent=2))
-    tmp.replace(cache / _COMPLETE)
+    atomic.write_json(cache / _COMPLETE, {"location": location, "features": features_shards})
 
 
 def check_eval_sets(names: list[str], catalog: Catalog, copy_model: CopyModelSpec) -> dict:
@@ -70,15 +87,16 @@ def check_eval_sets(names: list[str], catalog: Catalog, copy_model: CopyModelSpe
 
 
 def load_eval_sets(
-    names: list[str], catalog: Catalog, settings: Settings, copy_model: CopyModelSpec
+    names: list[str], job: JobRun, copy_model: CopyModelSpec, features: PartWork
 ) -> list[EvalSet]:
-    """The named evaluation sets with their descriptors, computing them on first use."""
-    registered = check_eval_sets(names, catalog, copy_model)
+    """The named evaluation sets with their descriptors, computing them on first use with
+    `features` (the dedup features pass)."""
+    registered = check_eval_sets(names, job.catalog, copy_model)
     sets = []
     for name in names:
-        cache = _cache_dir(settings, name, copy_model)
+        cache = _cache_dir(job.settings, name, copy_model)
         if not (cache / _COMPLETE).exists():
-            _describe(registered[name], copy_model, settings, cache)
+            _describe(name, registered[name], copy_model, job, features)
         files = json.loads((cache / _COMPLETE).read_text())["features"]
         table = pq.read_table(files, columns=["image_id", "copy_descriptor"]) if files else None
         if table is None or table.num_rows == 0:

@@ -13,7 +13,7 @@ from PIL import Image
 
 from curate.core.shards import PartResult, ShardRef, shard_name, write_shard
 from curate.stages.dedup.copy_detection import copy_descriptors, load_copy_descriptor
-from curate.stages.dedup.pca_hash import hash_features_batch, phash_codes
+from curate.stages.dedup.pca_hash.features import hash_features_batch, phash_codes
 from curate.stages.ingest.decode import load_rgb
 from schemas.job import DedupOptions
 from schemas.shards import DEDUP_FEATURES

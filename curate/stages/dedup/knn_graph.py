@@ -1,9 +1,11 @@
 """The copy graph: k nearest neighbours of every descriptor, kept where cosine > a threshold.
 
-Exact search (IndexFlatIP) below `exact_below` images, IVF-PQ above it; FAISS GPU when one is
-present, the same calls otherwise. Queries are searched block by block so memory is bounded by
-the index plus one block, and IVF-PQ candidates are re-scored with exact cosine on the stored
-float16 descriptors, so every threshold applies to true cosine, never to a PQ estimate.
+Exact search (IndexFlatIP) below `exact_below` images, IVF-PQ above it, both through
+`curate.core.knn_index.KnnIndex` (the index retrieval searches too) with dedup's own nlist, pq_m
+and nprobe; FAISS GPU when one is present, the same calls otherwise. Queries are searched block
+by block so memory is bounded by the index plus one block, and IVF-PQ candidates are re-scored
+with exact cosine on the stored float16 descriptors, so every threshold applies to true cosine,
+never to a PQ estimate.
 
 Descriptors are unit-norm rows (float16 or float32), so inner product = cosine.
 
@@ -17,106 +19,36 @@ every shard for its k and keeping the best k overall, which is the same top-k as
 (the re-scoring on exact cosine already makes scores comparable across shards).
 """
 
-import logging
 import math
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
-import faiss
 import numpy as np
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
-log = logging.getLogger(__name__)
+from curate.core.faiss import MIN_POINTS_PER_CENTROID
+from curate.core.knn_index import KnnIndex, sample_rows
+from curate.core.vectors import BLOCK
 
 Edges = tuple[np.ndarray, np.ndarray, np.ndarray]  # left int64, right int64, similarity float32
 
 EXACT_BELOW = 200_000
-BLOCK = 65_536
 DEFAULT_NPROBE = 32
-PQ_BITS = 8
 # PQ inner products are off by a few hundredths on 512-d descriptors; candidates within this
 # margin under the threshold are re-scored exactly, the rest are dropped unread.
 RERANK_MARGIN = 0.1
-_RERANK_CHUNK = 1 << 15  # candidate pairs re-scored at once: 2 x 32k x 512 float32 = 128 MiB
 _MIN_TRAIN = 50_000
-_TRAIN_PER_LIST = 39  # FAISS's own floor for k-means points per centroid
 
 
-@dataclass
-class CopyIndex:
-    """A FAISS index over a descriptor set, with the set itself kept for exact re-scoring."""
-
-    index: faiss.Index
-    descriptors: np.ndarray  # the indexed rows, float16/32; may be a memmap
-    exact: bool  # flat search: its similarities are already exact
-    on_gpu: bool
-
-    @property
-    def ntotal(self) -> int:
-        return int(self.index.ntotal)
-
-    def set_nprobe(self, nprobe: int) -> None:
-        """Inverted lists visited per query (IVF only): recall against speed."""
-        if self.exact:
-            return
-        space = faiss.GpuParameterSpace() if self.on_gpu else faiss.ParameterSpace()
-        space.set_index_parameter(self.index, "nprobe", int(nprobe))
-
-
-def _use_gpu(use_gpu: bool | None) -> bool:
-    available = hasattr(faiss, "get_num_gpus") and faiss.get_num_gpus() > 0
-    return available if use_gpu is None else use_gpu and available
-
-
-def _to_gpu(index: faiss.Index, float16: bool) -> faiss.Index:
-    options = faiss.GpuMultipleClonerOptions()
-    # IVF-PQ with 64 sub-quantizers needs float16 lookup tables to fit GPU shared memory; the
-    # flat index stays float32 so its similarities stay exact.
-    options.useFloat16 = float16
-    options.shard = True  # split the database over GPUs rather than copy it to each
-    return faiss.index_cpu_to_all_gpus(index, co=options)
-
-
-def _trained_ivf_pq(
-    descriptors: np.ndarray, nlist: int, pq_m: int, train_size: int, seed: int, gpu: bool
-) -> faiss.Index:
-    d = descriptors.shape[1]
-    index = faiss.IndexIVFPQ(
-        faiss.IndexFlatIP(d), d, nlist, pq_m, PQ_BITS, faiss.METRIC_INNER_PRODUCT
-    )
-    if gpu:
-        # Coarse k-means is the expensive part of training; the GPU does its assignments. The
-        # index itself is trained once on the host and only then sharded over the GPUs, so all
-        # shards share one quantizer.
-        index.clustering_index = faiss.index_cpu_to_all_gpus(faiss.IndexFlatIP(d))
-    log.info(
-        "training IVF%d,PQ%d on %d of %d descriptors", nlist, pq_m, train_size, len(descriptors)
-    )
-    index.train(_training_sample(descriptors, train_size, seed))
-    return index
-
-
-def default_nlist(n: int) -> int:
+def copy_nlist(n: int) -> int:
     """About 4 sqrt(N) inverted lists: the usual balance of quantizer cost and list length."""
     return max(1, int(round(4 * math.sqrt(n))))
 
 
-def default_pq_m(d: int) -> int:
+def copy_pq_m(d: int) -> int:
     """64 sub-quantizers (8 dims each, 64 bytes a code, for 512-d); a divisor of d otherwise."""
     return max(m for m in range(1, min(64, d) + 1) if d % m == 0)
-
-
-def _float32_blocks(x: np.ndarray, block: int) -> Iterator[tuple[int, np.ndarray]]:
-    for start in range(0, len(x), block):
-        yield start, np.ascontiguousarray(x[start : start + block], dtype=np.float32)
-
-
-def _training_sample(x: np.ndarray, size: int, seed: int) -> np.ndarray:
-    if size >= len(x):
-        return np.ascontiguousarray(x, dtype=np.float32)
-    rows = np.sort(np.random.default_rng(seed).choice(len(x), size=size, replace=False))
-    return np.ascontiguousarray(x[rows], dtype=np.float32)  # sorted rows read a memmap in order
 
 
 def build_index(
@@ -130,41 +62,32 @@ def build_index(
     block: int = BLOCK,
     seed: int = 0,
     use_gpu: bool | None = None,
-) -> CopyIndex:
+) -> KnnIndex:
     """Index unit-norm descriptors [N, d] for inner-product search: flat below `exact_below`,
     IVF-PQ (nlist ~ 4 sqrt N, m = 64 x 8 bits, trained on max(39 nlist, 50k) rows) above.
 
-    use_gpu: None = a GPU when FAISS sees one.
+    The descriptors are scored as given, not re-normalised, and the index re-scores against
+    them in place (no copy: they may be a memmap). Its `search` gives exact cosines of the PQ
+    top k (a shortlist of k: rerank 1). use_gpu: None = a GPU when FAISS sees one.
     """
     n, d = descriptors.shape
-    gpu = _use_gpu(use_gpu)
-    exact = n < exact_below
-    if exact:
-        index = faiss.IndexFlatIP(d)
-    else:
-        nlist = nlist or default_nlist(n)
-        size = min(n, train_size or max(_TRAIN_PER_LIST * nlist, _MIN_TRAIN))
-        index = _trained_ivf_pq(descriptors, nlist, pq_m or default_pq_m(d), size, seed, gpu)
-    if gpu:
-        index = _to_gpu(index, float16=not exact)
-    for _, rows in _float32_blocks(descriptors, block):
-        index.add(rows)
-    copy_index = CopyIndex(index=index, descriptors=descriptors, exact=exact, on_gpu=gpu)
-    copy_index.set_nprobe(nprobe or DEFAULT_NPROBE)
-    return copy_index
-
-
-def _exact_cosine(
-    queries: np.ndarray, references: np.ndarray, rows: np.ndarray, cols: np.ndarray
-) -> np.ndarray:
-    """Cosine of the pairs (queries[rows], references[cols]), a bounded chunk at a time."""
-    out = np.empty(len(rows), dtype=np.float32)
-    for start in range(0, len(rows), _RERANK_CHUNK):
-        stop = start + _RERANK_CHUNK
-        q = queries[rows[start:stop]].astype(np.float32)
-        r = references[cols[start:stop]].astype(np.float32)
-        out[start:stop] = np.einsum("ij,ij->i", q, r)
-    return out
+    nlist = nlist or copy_nlist(n)
+    index = KnnIndex.create(
+        d,
+        n,
+        flat_max=exact_below - 1,
+        nlist=nlist,
+        pq_m=pq_m or copy_pq_m(d),
+        nprobe=nprobe or DEFAULT_NPROBE,
+        gpu=use_gpu,
+        rerank=1,
+        normalize=False,
+    )
+    if index.needs_training:
+        size = min(n, train_size or max(MIN_POINTS_PER_CENTROID * nlist, _MIN_TRAIN))
+        index.train(sample_rows(descriptors, size, seed))
+    index.add(descriptors, batch=block)
+    return index
 
 
 def _pair_scores(
@@ -187,7 +110,7 @@ def _dedup_pairs(left: np.ndarray, right: np.ndarray, sims: np.ndarray, n_right:
 
 
 def iter_knn_edges(
-    index: CopyIndex,
+    index: KnnIndex,
     queries: np.ndarray,
     k: int = 64,
     threshold: float = 0.6,
@@ -204,8 +127,7 @@ def iter_knn_edges(
     if n_search == 0:
         return
     margin = 0.0 if index.exact else rerank_margin
-    for start, rows32 in _float32_blocks(queries, block):
-        sims, cols = index.index.search(rows32, n_search)
+    for start, rows32, sims, cols in index.search_blocks(queries, n_search, batch=block):
         local = np.repeat(np.arange(len(rows32), dtype=np.int64), n_search)
         left = local + (offset + start)
         right = cols.ravel().astype(np.int64)
@@ -217,7 +139,7 @@ def iter_knn_edges(
         keep = _pair_scores(sims, left, right, score_offsets) > threshold - margin
         local, left, right, sims = local[keep], left[keep], right[keep], sims[keep]
         if not index.exact:
-            sims = _exact_cosine(rows32, index.descriptors, local, right)
+            sims = index.cosine(rows32, local, right)
         sims = _pair_scores(sims, left, right, score_offsets)
         keep = sims > threshold
         left, right, sims = left[keep], right[keep], sims[keep].astype(np.float32)
@@ -228,7 +150,7 @@ def iter_knn_edges(
 
 
 def knn_edges(
-    index: CopyIndex,
+    index: KnnIndex,
     queries: np.ndarray,
     k: int = 64,
     threshold: float = 0.6,
@@ -269,21 +191,6 @@ def _concat(blocks: list[Edges]) -> Edges:
     return tuple(np.concatenate(parts) for parts in zip(*blocks, strict=True))  # type: ignore[return-value]
 
 
-def _nearest_exact(index: CopyIndex, queries: np.ndarray, k: int, block: int) -> np.ndarray:
-    """Exact similarities [Q, k] of each query to its k nearest indexed rows, high to low."""
-    out = []
-    for _, rows32 in _float32_blocks(queries, block):
-        sims, cols = index.index.search(rows32, k)
-        if not index.exact:
-            local = np.repeat(np.arange(len(rows32)), k)
-            flat = cols.ravel()
-            exact = _exact_cosine(rows32, index.descriptors, local, np.maximum(flat, 0))
-            sims = np.where(flat >= 0, exact, -np.inf).reshape(sims.shape)
-            sims = -np.sort(-sims, axis=1)
-        out.append(sims.astype(np.float32))
-    return np.concatenate(out) if out else np.empty((0, k), np.float32)
-
-
 def background_offsets(
     descriptors: np.ndarray,
     background: np.ndarray,
@@ -297,7 +204,8 @@ def background_offsets(
     from curate.stages.dedup.copy_detection import normalize_scores
 
     background_index = build_index(background, block=block, **index_opts)
-    nearest = _nearest_exact(background_index, descriptors, ranks[1] + 1, block)
+    # Exact similarities [N, ranks[1] + 1] to the nearest background images, high to low.
+    nearest, _ = background_index.search(descriptors, ranks[1] + 1, batch=block)
     return -normalize_scores(np.zeros(len(descriptors), np.float32), nearest, beta, ranks)
 
 
@@ -311,7 +219,8 @@ class SliceSearch:
     """The kNN search of one slice of the indexed rows against all of them: a unit of work
     that can run on any worker holding the index (see `MapSlices`)."""
 
-    index: CopyIndex
+    index: KnnIndex
+    descriptors: np.ndarray  # the indexed rows, which are also the queries
     k: int
     threshold: float
     block: int
@@ -321,7 +230,7 @@ class SliceSearch:
     def __call__(self, start: int, stop: int) -> Edges:
         return knn_edges(
             self.index,
-            self.index.descriptors[start:stop],
+            self.descriptors[start:stop],
             self.k,
             self.threshold,
             self.block,
@@ -360,7 +269,7 @@ def copy_edges(
     offsets = None
     if background is not None:
         offsets = background_offsets(descriptors, background, beta, block=block, **index_opts)
-    search = SliceSearch(index, k, threshold, block, offsets, rerank_margin)
+    search = SliceSearch(index, descriptors, k, threshold, block, offsets, rerank_margin)
     n = len(descriptors)
     step = max(1, slice_rows or n)
     slices = [(start, min(start + step, n)) for start in range(0, n, step)]

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps
 
+from curate.core.devices import pick_device
 from curate.core.shards import PartResult, shard_name, write_shard
 from curate.stages.embed.model import ModelSpec, load_backbone
 from curate.stages.ingest.decode import to_rgb
@@ -145,11 +146,6 @@ def decode_part(part: EmbedInput, image_size: int) -> DecodedPart:
         errors=pa.Table.from_pylist(errors, schema=ERRORS),
         seconds=time.perf_counter() - started,
     )
-
-
-def pick_device() -> str:
-    """CUDA when a GPU is present, else CPU: the same code runs on both."""
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 class Embedder:

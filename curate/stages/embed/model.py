@@ -13,9 +13,7 @@ import hashlib
 import json
 import logging
 import re
-import struct
 import warnings
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +21,7 @@ import timm
 import torch
 from torch import nn
 
+from curate.core.weights import REPORTED_KEYS, read_state_dict, strip_wrappers
 from schemas.errors import ModelError
 
 log = logging.getLogger(__name__)
@@ -34,15 +33,9 @@ EXPORT_FORMAT = "lvd-curate-backbone"  # curate/train/export.py FORMAT
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
-# Wrappers training code puts around a module: DDP / FSDP1 and torch.compile.
-_WRAPPER_PREFIXES = ("module.", "_orig_mod.")
-# Entries of a saved training checkpoint that hold a state dict, in order of preference: a
-# self-supervised teacher is the model DINO and DINOv2 evaluate.
-_CHECKPOINT_ENTRIES = ("teacher", "model", "state_dict", "student")
 # DINOv2 training checkpoints with block_chunks > 0 nest blocks as blocks.<chunk>.<index>; the
 # index is already global (chunks are padded with Identity), so the chunk level just goes.
 _CHUNKED_BLOCK = re.compile(r"^blocks\.\d+\.(\d+)\.")
-_REPORTED_KEYS = 6
 
 
 class WeightsError(ModelError, ValueError):
@@ -106,55 +99,6 @@ def check_spec(spec: ModelSpec) -> None:
         raise WeightsError(f"embedding weights not found: {spec.weights} ({WEIGHTS_SETTING})")
 
 
-def _looks_like_safetensors(path: Path) -> bool:
-    # 8-byte little-endian header length, then the JSON header.
-    with open(path, "rb") as handle:
-        head = handle.read(9)
-    if len(head) < 9:
-        return False
-    (length,) = struct.unpack("<Q", head[:8])
-    return head[8:9] == b"{" and 0 < length < path.stat().st_size
-
-
-def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    from safetensors import safe_open
-
-    tensors = {}
-    with safe_open(str(path), framework="pt") as handle:
-        metadata = handle.metadata() or {}
-        for key in handle.keys():
-            tensors[key] = handle.get_tensor(key)
-    return tensors, metadata
-
-
-def _unwrap_checkpoint(checkpoint: object, path: Path) -> dict[str, torch.Tensor]:
-    """The state dict inside a saved training checkpoint."""
-    while isinstance(checkpoint, dict) and not all(
-        isinstance(value, torch.Tensor) for value in checkpoint.values()
-    ):
-        entry = next((k for k in _CHECKPOINT_ENTRIES if isinstance(checkpoint.get(k), dict)), None)
-        if entry is None:
-            keys = sorted(str(k) for k in checkpoint)[:_REPORTED_KEYS]
-            raise WeightsError(
-                f"{path}: no state dict found: top-level entries {keys} hold no tensors and none "
-                f"of {list(_CHECKPOINT_ENTRIES)}"
-            )
-        checkpoint = checkpoint[entry]
-    if not isinstance(checkpoint, dict) or not checkpoint:
-        raise WeightsError(f"{path}: expected a state dict, found {type(checkpoint).__name__}")
-    return checkpoint
-
-
-def _strip_wrappers(key: str) -> str:
-    stripped = True
-    while stripped:
-        stripped = False
-        for prefix in _WRAPPER_PREFIXES:
-            if key.startswith(prefix):
-                key, stripped = key[len(prefix) :], True
-    return key
-
-
 def _only_under(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
     """The entries under `prefix`, renamed without it, when there are any; else `state`."""
     inside = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
@@ -167,12 +111,12 @@ def _only_under(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.
             prefix,
             len(state) - len(inside),
         )
-    return {_strip_wrappers(k): v for k, v in inside.items()}
+    return {strip_wrappers(k): v for k, v in inside.items()}
 
 
 def backbone_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """A training state dict reduced to the backbone's own keys: wrappers, teacher and heads off."""
-    state = {_strip_wrappers(k): v for k, v in state.items()}
+    state = {strip_wrappers(k): v for k, v in state.items()}
     if any(k.startswith("teacher.") for k in state):
         state = _only_under(state, "teacher.")
     else:
@@ -230,8 +174,8 @@ def _check_keys(
         if state[k].shape != expected[k].shape
     )
     problems = [
-        f"{label} ({len(keys)}): {keys[:_REPORTED_KEYS]}"
-        + (" ..." if len(keys) > _REPORTED_KEYS else "")
+        f"{label} ({len(keys)}): {keys[:REPORTED_KEYS]}"
+        + (" ..." if len(keys) > REPORTED_KEYS else "")
         for label, keys in (
             ("missing keys", missing),
             ("unexpected keys", unexpected),
@@ -243,21 +187,6 @@ def _check_keys(
         raise WeightsError(
             f"{path} does not fit {spec.arch} at img_size {spec.img_size}: " + "; ".join(problems)
         )
-
-
-def _read_weights(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    try:
-        if not zipfile.is_zipfile(path) and _looks_like_safetensors(path):
-            return _read_safetensors(path)
-        # weights_only: a checkpoint is data, never code to run.
-        checkpoint = torch.load(str(path), map_location="cpu", weights_only=True)
-    except WeightsError:
-        raise
-    except Exception as error:  # torch and safetensors raise many kinds for foreign files
-        raise WeightsError(
-            f"cannot read embedding weights {path}: {type(error).__name__}: {error}"
-        ) from None
-    return _unwrap_checkpoint(checkpoint, path), {}
 
 
 def _normalisation(metadata: dict[str, str], dinov2: bool) -> dict[str, tuple[float, ...]]:
@@ -296,7 +225,7 @@ def load_backbone(spec: ModelSpec) -> nn.Module:
         )
         return model.eval()
     path = Path(spec.weights)
-    state, metadata = _read_weights(path)
+    state, metadata = read_state_dict(path, what="embedding weights", error=WeightsError)
     if metadata.get("format") == EXPORT_FORMAT and metadata.get("arch") != spec.arch:
         raise WeightsError(
             f"{path} is an lvd-curate backbone of {metadata.get('arch')!r}, "

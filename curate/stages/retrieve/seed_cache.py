@@ -16,15 +16,16 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from curate.catalog import Catalog
+from curate.core import atomic
 from curate.core.shards import PartResult, shard_name, write_shard
-from curate.settings import Settings
+from curate.core.stage import JobRun
 from curate.stages.embed.embedder import EmbedInput
 from curate.stages.embed.model import ModelSpec
-from curate.stages.ingest.part import describe_part, ingest_part
+from curate.stages.embed.stage import STAGE as EMBED
+from curate.stages.embed.stage import EmbedInputs
 from curate.stages.ingest.sources import detect_source
+from curate.stages.ingest.stage import STAGE as INGEST
 from curate.stages.retrieve.seed_sets import PolicyStep, SeedSet, SeedSetError, resolve_seed_sets
-from pipelines.embedding import embed_parts
-from pipelines.runner import map_parts
 from schemas.job import EmbedOptions, IngestOptions
 from schemas.shards import DEDUP
 
@@ -55,9 +56,7 @@ def _digest(*values: str) -> str:
 
 
 def _write_complete(folder: Path, manifest: dict) -> None:
-    tmp = folder / f".{_COMPLETE}.tmp"
-    tmp.write_text(json.dumps(manifest, indent=2))
-    tmp.replace(folder / _COMPLETE)
+    atomic.write_json(folder / _COMPLETE, manifest)
 
 
 def _first_occurrences(shards: dict[int, str], out_dir: Path) -> dict[int, str]:
@@ -87,8 +86,9 @@ def _first_occurrences(shards: dict[int, str], out_dir: Path) -> dict[int, str]:
     return written
 
 
-def _ingest(seed_set: SeedSet, registered_at: str, settings: Settings) -> tuple[Path, dict]:
+def _ingest(seed_set: SeedSet, registered_at: str, job: JobRun) -> tuple[Path, dict]:
     """The set's ingest shards, ingesting it on first use (default ingest options)."""
+    settings = job.settings
     folder = (
         settings.data_root
         / "seed_sets"
@@ -100,16 +100,13 @@ def _ingest(seed_set: SeedSet, registered_at: str, settings: Settings) -> tuple[
     source = detect_source(seed_set.location)
     options = IngestOptions()
     results: list[PartResult] = []
-    map_parts(
-        source.parts(options.shard_size),
-        ingest_part,
+    job.compute.map_parts(
+        INGEST,
         (options, settings.crawl_settings(), folder),
-        done=set(),
-        commit=results.append,
+        source.parts(options.shard_size),
         label=f"seeds {seed_set.name}: ingest",
-        parts_total=source.parts_total(options.shard_size),
-        progress=settings.progress,
-        describe=describe_part,
+        commit=results.append,
+        total=source.parts_total(options.shard_size),
     )
     shards = {r.part: str(r.shards["data"].path) for r in results if "data" in r.shards}
     keep = _first_occurrences(shards, folder / "first")
@@ -146,8 +143,9 @@ def _embed(
     ingest: dict,
     model: ModelSpec,
     options: EmbedOptions,
-    settings: Settings,
+    job: JobRun,
 ) -> list[Path]:
+    settings = job.settings
     # EMBED rows point at (part, item) of one ingest: the key names that ingest, not only its
     # content, or a re-registration that moves images between parts would reuse stale rows.
     key = _digest(ingest["content"], ingest_dir.name, model.fingerprint(), str(options.image_size))
@@ -159,18 +157,13 @@ def _embed(
         EmbedInput(int(part), Path(path), Path(ingest["first"][part]))
         for part, path in ingest["shards"].items()
     ]
-    embed_parts(
+    job.compute.map_parts(
+        EMBED,
+        EmbedInputs(model, folder, options.batch_size, options.compile),
         inputs,
-        model,
-        out_dir=folder,
-        image_size=options.image_size,
-        batch_size=options.batch_size,
-        compile=options.compile,
-        done=set(),
+        label=f"seeds {seed_set.name}: embed",
         commit=results.append,
-        parts_total=len(inputs),
-        progress=settings.progress,
-        stage=f"seeds {seed_set.name}: embed",
+        total=len(inputs),
     )
     shards = sorted(str(r.shards["data"].path) for r in results if "data" in r.shards)
     _write_complete(folder, {"model": model.fingerprint(), "shards": shards})
@@ -182,19 +175,13 @@ def check_seed_sets(names: list[str], catalog: Catalog) -> list[SeedSet]:
     return resolve_seed_sets(names, catalog.seed_sets())
 
 
-def load_seed_sets(
-    names: list[str],
-    catalog: Catalog,
-    settings: Settings,
-    model: ModelSpec,
-    options: EmbedOptions,
-) -> list[LoadedSeedSet]:
-    """The named seed sets, ingested and embedded with `model` (cached across jobs)."""
-    registered = catalog.seed_sets()
+def load_seed_sets(job: JobRun, model: ModelSpec) -> list[LoadedSeedSet]:
+    """The job's seed sets, ingested and embedded with `model` (cached across jobs)."""
+    registered = job.catalog.seed_sets()
     loaded = []
-    for seed_set in resolve_seed_sets(names, registered):
-        folder, ingest = _ingest(seed_set, registered[seed_set.name]["created_at"], settings)
-        embed = _embed(seed_set, folder, ingest, model, options, settings)
+    for seed_set in resolve_seed_sets(job.spec.seeds, registered):
+        folder, ingest = _ingest(seed_set, registered[seed_set.name]["created_at"], job)
+        embed = _embed(seed_set, folder, ingest, model, job.spec.embed, job)
         shards = {int(part): Path(path) for part, path in ingest["shards"].items()}
         loaded.append(LoadedSeedSet(seed_set, shards, embed, ingest["images"]))
     return loaded

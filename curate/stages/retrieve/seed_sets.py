@@ -17,7 +17,7 @@ import re
 from dataclasses import dataclass
 from typing import Literal
 
-from schemas.errors import InputError
+from schemas.errors import ConflictError, InputError
 from schemas.job import NAME_PATTERN
 
 PolicyKind = Literal["as-is", "knn", "cluster", "balanced"]
@@ -29,6 +29,13 @@ class SeedSetError(InputError, ValueError):
     """A seed set that cannot be used: unknown, unregistered preset, or a bad policy."""
 
     code = "seed_set_invalid"
+
+
+class SeedSetConflict(ConflictError, SeedSetError):
+    """A job resumed after its seed sets were registered anew: its committed parts no longer
+    fit them."""
+
+    code = "seed_set_changed"
 
 
 @dataclass(frozen=True)

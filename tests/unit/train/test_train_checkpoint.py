@@ -12,9 +12,10 @@ from safetensors.torch import load_file
 
 from curate.train.checkpoint import CheckpointError, latest_checkpoint, list_checkpoints
 from curate.train.export import ExportError, export_checkpoint, read_metadata
-from curate.train.loop import NonFiniteLossError, default_loader, train
+from curate.train.loop import default_loader, train
+from curate.train.step import NonFiniteLossError
 from schemas.train import load_train_config
-from services.cli.main import UsageError
+from services.cli.errors import UsageError
 from services.cli.train import add_train_parser
 from services.cli.train import main as train_main
 from tests.images import jpeg

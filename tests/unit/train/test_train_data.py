@@ -19,7 +19,8 @@ from curate.core.shards import PartResult, write_shard
 from curate.stages.ingest.decode import load_rgb
 from curate.train import augment, data
 from curate.train.augment import MaskingConfig, MultiCrop, MultiCropConfig, block_masks
-from curate.train.data import DataPosition, ShardsError, TrainLoader, resolve_shards
+from curate.train.data import DataPosition, TrainLoader
+from curate.train.shards import ShardsError, resolve_shards
 from schemas.job import parse_job_spec
 from schemas.shards import CURATED
 from tests.images import jpeg, photo, truncated_jpeg

@@ -8,7 +8,7 @@ import pyarrow as pa
 import pytest
 
 from curate.core.shards import write_shard
-from curate.stages.curated.assemble import curated_schema
+from curate.stages.curated.shuffle import curated_schema
 from curate.stages.curated.webdataset import export_webdataset, image_extension
 from tests.images import encode, jpeg, photo
 

@@ -6,20 +6,22 @@ import pytest
 from PIL import Image, ImageEnhance, ImageFilter, ImageOps
 
 from curate.demo.classes import CLASSES, RENDERERS
-from curate.stages.dedup import pca_hash
-from curate.stages.dedup.pca_hash import (
+from curate.stages.dedup.pca_hash import basis, tables
+from curate.stages.dedup.pca_hash import features as pca_features
+from curate.stages.dedup.pca_hash.basis import PCAHasher
+from curate.stages.dedup.pca_hash.features import (
     FEATURE_DIM,
-    HAMMING_RADIUS,
-    PHASH_RADIUS,
-    PCAHasher,
     hash_features,
     hash_features_batch,
-    multi_index_tables,
+    phash_codes,
+)
+from curate.stages.dedup.pca_hash.search import (
+    HAMMING_RADIUS,
+    PHASH_RADIUS,
     near_duplicate_pairs,
     pca_hash_groups,
-    phash_codes,
-    table_pairs,
 )
+from curate.stages.dedup.pca_hash.tables import multi_index_tables, table_pairs
 from curate.stages.ingest.decode import load_rgb
 
 # -- codes with planted near pairs -----------------------------------------------------------------
@@ -239,18 +241,18 @@ def test_padded_and_letterboxed_copies_join_their_original_not_each_other(hasher
 
 
 def test_border_trimming_leaves_unframed_and_flat_images_whole():
-    assert pca_hash._content_box(_render(6, 0).convert("L")) is None
-    assert pca_hash._content_box(Image.new("L", (300, 200), 17)) is None
+    assert pca_features._content_box(_render(6, 0).convert("L")) is None
+    assert pca_features._content_box(Image.new("L", (300, 200), 17)) is None
     # A strip of content on a uniform field is too little to describe alone: left whole.
     strip = _framed(_render(6, 1), 0.0, 2.0, (0, 0, 0)).convert("L")
-    assert pca_hash._content_box(strip) is None
+    assert pca_features._content_box(strip) is None
     # Large images are probed reduced, then each edge is found again at full size: exactly.
     big = _framed(_render(6, 2).resize((900, 600)), 0.1, 0.05, (0, 0, 0)).convert("L")
-    assert pca_hash._content_box(big) == (90, 30, 990, 630)
+    assert pca_features._content_box(big) == (90, 30, 990, 630)
     # A band on one side only is part of the picture (sky, ground), not a frame: the pillars
     # are cut, the band is not.
     banded = ImageOps.expand(big, border=(0, 0, 0, 200), fill=0)
-    assert pca_hash._content_box(banded) == (90, 0, 990, 860)
+    assert pca_features._content_box(banded) == (90, 0, 990, 860)
 
 
 def test_jpeg_bytes_hash_like_their_decoded_pixels(hasher):
@@ -310,5 +312,5 @@ def test_phash_codes_are_imagededups_bits_and_group_a_reencode():
 
 def test_default_radius_uses_the_multi_index_tables():
     # The defaults must stay within what the exact sub-quadratic search supports.
-    assert HAMMING_RADIUS <= pca_hash._MAX_RADIUS_PER_WORD
-    assert len(multi_index_tables(pca_hash.PCA_HASH_BITS, HAMMING_RADIUS)) == 62
+    assert HAMMING_RADIUS <= tables.MAX_RADIUS_PER_WORD
+    assert len(multi_index_tables(basis.PCA_HASH_BITS, HAMMING_RADIUS)) == 62

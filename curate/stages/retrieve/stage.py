@@ -1,0 +1,141 @@
+"""The retrieve stage: crawl images picked for every seed set, one part per (seed set, policy
+step), over a crawl kNN index and a balanced-sampling hierarchy built once for the job."""
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pyarrow.parquet as pq
+
+from curate.core import atomic
+from curate.core.shards import PartResult
+from curate.core.stage import JobRun, Plan, Stage
+from curate.stages.cluster.centroids import fit_hierarchy
+from curate.stages.embed.stage import embed_model_of
+from curate.stages.retrieve.parts import (
+    CrawlInputs,
+    IndexOptions,
+    RetrievePart,
+    build_crawl_index,
+    retrieve_part,
+)
+from curate.stages.retrieve.policies import collisions
+from curate.stages.retrieve.seed_cache import LoadedSeedSet, check_seed_sets, load_seed_sets
+from curate.stages.retrieve.seed_sets import SeedSetConflict
+from schemas.job import StageName
+
+PINNED_SEED_SETS = "seed_sets.json"
+
+
+def pin_seed_sets(stage_dir: Path, pin: dict) -> None:
+    """Record the seed sets a job retrieves for, and their ingest shards; a resume with other
+    registrations is refused.
+
+    Retrieve parts are numbered by (seed set, policy step), and as-is rows point into the seed
+    set's ingest shards: re-registering a set between a crash and its resume would otherwise
+    pair committed parts with other policies, or as-is rows with other shards.
+    """
+    pinned = stage_dir / PINNED_SEED_SETS
+    if pinned.exists():
+        before = json.loads(pinned.read_text())
+        if before["seed_sets"] != pin["seed_sets"]:
+            raise SeedSetConflict(
+                f"the seed sets changed since this job started retrieving (was "
+                f"{before['seed_sets']}, now {pin['seed_sets']}); run it under a new --job"
+            )
+        return
+    atomic.write_json(pinned, pin)
+
+
+def pinned_seed_ingest(stage_dir: Path) -> dict[str, dict[int, Path]]:
+    """The seed sets' ingest shards the job's retrieval used, whatever the registry says now."""
+    pinned = json.loads((stage_dir / PINNED_SEED_SETS).read_text())["ingest"]
+    return {
+        name: {int(part): Path(path) for part, path in shards.items()}
+        for name, shards in pinned.items()
+    }
+
+
+def _has_policy(seed_sets: list[LoadedSeedSet], kind: str) -> bool:
+    return any(step.kind == kind for s in seed_sets for step in s.policy)
+
+
+class RetrieveStage(Stage):
+    name = StageName.RETRIEVE
+    reads = (StageName.EMBED, StageName.CLUSTER)
+
+    def check(self, job: JobRun) -> None:
+        check_seed_sets(job.spec.seeds, job.catalog)
+
+    def plan(self, job: JobRun) -> Plan:
+        options = job.spec.retrieve
+        # Ingested and embedded with the job's model on first use, cached across jobs.
+        seed_sets = load_seed_sets(job, embed_model_of(job.settings, job.spec))
+        crawl = CrawlInputs(
+            embed=tuple(job.shard_paths(StageName.EMBED)),
+            cluster=tuple(job.shard_paths(StageName.CLUSTER)),
+            cluster_dir=job.stage_dir(StageName.CLUSTER),
+            index_dir=job.stage_dir(self.name) / "index",
+        )
+        index_options = IndexOptions(
+            options.flat_max,
+            options.nlist,
+            options.pq_m,
+            options.nprobe,
+            options.seed,
+            options.min_seeds,
+        )
+        steps = ((s, step) for s in seed_sets for step in s.policy)
+        parts = [
+            RetrievePart(i, s.name, step, s.seed_set.cap, tuple(s.embed))
+            for i, (s, step) in enumerate(steps)
+        ]
+        return Plan(
+            parts=parts,
+            total=len(parts),
+            inputs=(crawl, index_options, job.stage_dir(self.name)),
+            driver=seed_sets,
+        )
+
+    def prepare(self, job: JobRun, plan: Plan) -> None:
+        seed_sets: list[LoadedSeedSet] = plan.driver
+        crawl: CrawlInputs = plan.inputs[0]
+        described = [s.seed_set.describe() | {"images": s.images} for s in seed_sets]
+        ingest = {
+            s.name: {str(part): str(path) for part, path in s.ingest.items()} for s in seed_sets
+        }
+        pin_seed_sets(job.stage_dir(self.name), {"seed_sets": described, "ingest": ingest})
+        plan.metrics["seed_sets"] = described
+        if _has_policy(seed_sets, "knn"):
+            plan.metrics["index"] = job.compute.task(
+                self.name, build_crawl_index, crawl, plan.inputs[1]
+            )
+        if _has_policy(seed_sets, "balanced"):
+            cluster = job.spec.cluster
+            plan.metrics |= job.compute.task(
+                self.name,
+                fit_hierarchy,
+                list(crawl.embed),
+                crawl.cluster_dir,
+                levels=cluster.balanced_levels,
+                n_clusters=cluster.n_clusters,
+                niter=cluster.niter,
+                points_per_centroid=cluster.points_per_centroid,
+                seed=cluster.seed,
+            )
+
+    def run_part(self, state: tuple, part: RetrievePart) -> PartResult:
+        return retrieve_part(part, *state)
+
+    def describe(self, part: RetrievePart) -> str:
+        return str(part)
+
+    def summarize(self, job: JobRun, plan: Plan) -> dict[str, Any]:
+        retrieved = job.shard_paths(self.name)
+        plan.metrics["collisions"] = collisions(
+            pq.read_table(path, columns=["image_id", "seed_set"]) for path in retrieved
+        )
+        return plan.metrics
+
+
+STAGE = RetrieveStage()
