@@ -16,7 +16,7 @@ TRAIN_DIR ?= $(CURATE_DATA_ROOT)/train-demo
 TRAIN_STEPS ?= 400
 TRAIN_MINUTES ?= 9
 
-.PHONY: curate demo train test lint bench clean
+.PHONY: curate demo train test test-fast lint bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -50,6 +50,10 @@ train: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest
+
+# The unit tests alone (tests/unit/): no Ray, no servers, no subprocesses; well under a minute.
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -m "not integration" tests/unit
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -2,8 +2,8 @@
 
   1. bare: the backbone's forward alone on pre-decoded, pre-normalised float tensors in this
      process, torch given every core; measured before and after the stage runs (shared machine);
-  2. stage: pipelines.embedding.embed_parts end to end over INGEST + DEDUP shards of generated
-     JPEGs on a local Ray (decode tasks, model actor, shard writes, commits). Reported twice:
+  2. stage: the embed stage through the executor (RayCompute.map_parts) end to end over
+     INGEST + DEDUP shards of generated JPEGs on a local Ray (decode tasks, model actor, shard writes, commits). Reported twice:
      end to end (Ray workers and model start-up included) and steady state (images of the parts
      after the first over the time between the first and the last commit: the rate a long job
      runs at). The 0.85x target is on steady state. Two CPU placements are compared: the actor
@@ -35,7 +35,9 @@ from PIL import Image
 from curate.core.shards import PartResult, shard_name, write_shard
 from curate.stages.embed.embedder import Embedder, EmbedInput, preprocess
 from curate.stages.embed.model import ModelSpec, load_backbone
-from pipelines.embedding import embed_parts
+from curate.stages.embed.stage import STAGE as EMBED_STAGE
+from curate.stages.embed.stage import EmbedInputs
+from pipelines.executor import RayCompute
 from schemas.shards import DEDUP, INGEST
 
 BENCH = Path(__file__).resolve().parent
@@ -46,7 +48,8 @@ MEASURED = (
     "curate/stages/embed/embedder.py",
     "curate/stages/embed/model.py",
     "curate/core/weights.py",
-    "pipelines/embedding.py",
+    "curate/stages/embed/stage.py",
+    "pipelines/executor.py",
 )
 # Dense bf16 tensor-core peaks (no sparsity), by device-name fragment, FLOP/s.
 GPU_PEAKS = {
@@ -139,22 +142,18 @@ def bare_forward(spec: ModelSpec, pixels: np.ndarray, batch_size: int, threads: 
 def stage_run(
     inputs: list, spec: ModelSpec, out: Path, batch_size: int, threads: int | None
 ) -> dict:
-    """embed_parts end to end; steady state from the commit times."""
+    """The embed stage's parts through the executor end to end; steady state from the commit
+    times."""
     shutil.rmtree(out, ignore_errors=True)
     commits: list[tuple[float, PartResult]] = []
     started = time.perf_counter()
-    embed_parts(
+    RayCompute(progress=False).map_parts(
+        EMBED_STAGE,
+        EmbedInputs(spec, out, batch_size, compile=False, threads=threads),
         inputs,
-        spec,
-        out_dir=out,
-        image_size=spec.img_size,
-        batch_size=batch_size,
-        compile=False,
-        done=set(),
+        label="embed",
         commit=lambda result: commits.append((time.perf_counter(), result)),
-        parts_total=len(inputs),
-        progress=False,
-        threads=threads,
+        total=len(inputs),
     )
     seconds = time.perf_counter() - started
     images = sum(r.rows_out for _, r in commits)
@@ -224,7 +223,7 @@ def markdown(result: dict) -> str:
         f"{a['images']} generated {a['width']}x{a['height']} JPEGs (q90) in parts of "
         f"{a['part_size']}. Bare: `model(x)` on pre-decoded, normalised float batches "
         f"({a['bare_images']} images), measured before and after each stage run. Stage: "
-        "`embed_parts` over INGEST + DEDUP shards on a local Ray (decode tasks, model actor, "
+        "the embed stage over INGEST + DEDUP shards on a local Ray (decode tasks, model actor, "
         "normalise + forward + L2 + float16, shard writes, commits). Steady state: images of "
         "parts 2..N over the time from the first commit to the last; end to end includes Ray "
         "worker start, model load and the first part's pipeline fill.",

@@ -1,5 +1,7 @@
 """DDL of the DuckDB catalog. Tables only grow columns; a migration adds them with defaults."""
 
+from schemas.job import StageName
+
 CATALOG_DDL = """
 CREATE TABLE IF NOT EXISTS jobs (
     job_id      VARCHAR PRIMARY KEY,
@@ -73,7 +75,7 @@ CREATE TABLE IF NOT EXISTS error_counts (
 # `{data}` and `{errors}` stand for read_parquet([...]) over the stage's registered shards, never a
 # glob: a shard written by a killed run but not registered is not part of the job.
 STAGE_VIEWS: dict[str, dict[str, str]] = {
-    "ingest": {
+    StageName.INGEST: {
         # One row per distinct image: the first occurrence in source order.
         "ingest": (
             "SELECT * FROM {data} "
@@ -87,22 +89,22 @@ STAGE_VIEWS: dict[str, dict[str, str]] = {
         ),
         "ingest_errors": "SELECT * FROM {errors}",
     },
-    "dedup": {
+    StageName.DEDUP: {
         # One row per ingest occurrence: keep, or the reason it goes and what it duplicates.
         "dedup": "SELECT * FROM {data}",
     },
-    "embed": {
+    StageName.EMBED: {
         "embed": "SELECT * FROM {data}",
         "embed_errors": "SELECT * FROM {errors}",
     },
-    "cluster": {
+    StageName.CLUSTER: {
         "cluster": "SELECT * FROM {data}",
         "cluster_sizes": (
             "SELECT cluster_id, count(*) AS images FROM {data} GROUP BY cluster_id "
             "ORDER BY images DESC"
         ),
     },
-    "retrieve": {"retrieve": "SELECT * FROM {data}"},
+    StageName.RETRIEVE: {"retrieve": "SELECT * FROM {data}"},
     # The image bytes stay out of the view: browsing provenance should not read megabytes.
-    "curated": {"curated": "SELECT * EXCLUDE (image) FROM {data}"},
+    StageName.CURATED: {"curated": "SELECT * EXCLUDE (image) FROM {data}"},
 }

@@ -2,6 +2,8 @@
 
 import pyarrow as pa
 
+from schemas.job import StageName
+
 # The Hugging Face `datasets` Image feature's storage type: a shard holding this struct loads
 # with `datasets.load_dataset("parquet", ...)` as images.
 IMAGE_STRUCT = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
@@ -126,13 +128,13 @@ CURATED = pa.schema(
 )
 
 SCHEMAS: dict[tuple[str, str], pa.Schema] = {
-    ("ingest", "data"): INGEST,
-    ("ingest", "errors"): ERRORS,
-    ("dedup_features", "data"): DEDUP_FEATURES,
-    ("dedup", "data"): DEDUP,
-    ("embed", "data"): EMBED,
-    ("embed", "errors"): ERRORS,
-    ("cluster", "data"): CLUSTER,
-    ("retrieve", "data"): RETRIEVE,
-    ("curated", "data"): CURATED,
+    (StageName.INGEST, "data"): INGEST,
+    (StageName.INGEST, "errors"): ERRORS,
+    (StageName.DEDUP_FEATURES, "data"): DEDUP_FEATURES,
+    (StageName.DEDUP, "data"): DEDUP,
+    (StageName.EMBED, "data"): EMBED,
+    (StageName.EMBED, "errors"): ERRORS,
+    (StageName.CLUSTER, "data"): CLUSTER,
+    (StageName.RETRIEVE, "data"): RETRIEVE,
+    (StageName.CURATED, "data"): CURATED,
 }

@@ -12,6 +12,7 @@ import pyarrow.parquet as pq
 
 from curate.settings import Settings
 from schemas.errors import DataError, NotFoundError
+from schemas.job import StageName
 
 IMAGE_COLUMN = "image"
 _GLOB_CHARS = set("*?[")
@@ -58,7 +59,7 @@ def _job_shards(job_id: str, settings: Settings) -> list[Path]:
             "to look it up as a job id"
         )
     try:
-        paths = Catalog(catalog_file, settings.data_root).shard_paths(job_id, "curated")
+        paths = Catalog(catalog_file, settings.data_root).shard_paths(job_id, StageName.CURATED)
     except CatalogError as error:
         raise ShardsError(f"job {job_id!r}: {error}") from None
     if not paths:

@@ -65,8 +65,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     recipe = load_recipe(args.recipe) if args.recipe else {}
     spec = parse_job_spec(merge(recipe, _spec_from_args(args)))
     # Imported only now: the stages bring torch and Ray, seconds a bad flag need not wait.
-    from pipelines.job import run_job
     from pipelines.executor import StageFailed
+    from pipelines.job import run_job
 
     try:
         report = run_job(spec, settings, log=lambda m: print(m, file=sys.stderr))

@@ -16,25 +16,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-EXIT_FAILED = 1
-EXIT_USAGE = 2
-
-
-def _usage_error(message: str) -> Exception:
-    from services.cli.main import UsageError
-
-    return UsageError(message)
-
-
-def _settings():
-    from pydantic import ValidationError
-
-    from curate.settings import Settings
-
-    try:
-        return Settings()
-    except ValidationError as error:
-        raise _usage_error(f"bad CURATE_* setting: {error}") from None
+from services.cli.common import load_settings
+from services.cli.errors import EXIT_FAILED, UsageError, run_command
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
@@ -53,43 +36,33 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _run_config(args: argparse.Namespace):
-    from curate.train.checkpoint import CheckpointError, checkpoint_config, latest_checkpoint
-    from curate.train.loop import CHECKPOINTS
-    from schemas.train import TrainConfigError, deep_merge, load_train_config
+    from curate.train.checkpoint import CHECKPOINTS, checkpoint_config, latest_checkpoint
+    from schemas.train import deep_merge, load_train_config
 
     overrides = _overrides(args)
-    try:
-        if args.resume and args.config is None and args.preset is None:
-            # Resuming: the run's own configuration, with only the flags given changed.
-            latest = latest_checkpoint(Path(args.out) / CHECKPOINTS)
-            if latest is None:
-                raise _usage_error(f"--resume: {args.out} holds no checkpoint to resume from")
-            saved = checkpoint_config(latest).model_dump(mode="json")
-            return load_train_config(overrides=deep_merge(saved, overrides))
-        return load_train_config(args.config, args.preset, overrides)
-    except (TrainConfigError, CheckpointError) as error:
-        raise _usage_error(str(error)) from None
+    if args.resume and args.config is None and args.preset is None:
+        # Resuming: the run's own configuration, with only the flags given changed.
+        latest = latest_checkpoint(Path(args.out) / CHECKPOINTS)
+        if latest is None:
+            raise UsageError(f"--resume: {args.out} holds no checkpoint to resume from")
+        saved = checkpoint_config(latest).model_dump(mode="json")
+        return load_train_config(overrides=deep_merge(saved, overrides))
+    return load_train_config(args.config, args.preset, overrides)
 
 
 def cmd_train_run(args: argparse.Namespace) -> int:
     """Train or resume; exit 1 when the run stops on a non-finite loss."""
-    from curate.train.checkpoint import CheckpointError
-    from curate.train.data import ShardsError, resolve_shards
-    from curate.train.knn_eval import KnnDataError, labelled_folder
-    from curate.train.loop import NonFiniteLossError, train
+    from curate.train.knn_eval import labelled_folder
+    from curate.train.loop import train
+    from curate.train.shards import resolve_shards
+    from curate.train.step import NonFiniteLossError
 
-    settings = _settings()
+    settings = load_settings()
     config = _run_config(args)
-    try:
-        files = resolve_shards(args.data, settings)
-    except ShardsError as error:
-        raise _usage_error(str(error)) from None
+    files = resolve_shards(args.data, settings)
     knn_folder = Path(args.knn_folder) if args.knn_folder else None
     if knn_folder is not None:
-        try:
-            labelled_folder(knn_folder)
-        except KnnDataError as error:
-            raise _usage_error(str(error)) from None
+        labelled_folder(knn_folder)  # checked before the run, not at its first evaluation
         if config.knn_every is None:
             config = config.model_copy(update={"knn_every": config.steps})
     try:
@@ -103,9 +76,8 @@ def cmd_train_run(args: argparse.Namespace) -> int:
             knn_folder=knn_folder,
             progress=settings.progress,
         )
-    except CheckpointError as error:
-        raise _usage_error(str(error)) from None
     except NonFiniteLossError as error:
+        # The run's outcome rather than an error of the command: said as such, exit 1.
         print(f"training stopped: {error}", file=sys.stderr)
         return EXIT_FAILED
     if int(os.environ.get("RANK", "0")) == 0:
@@ -122,22 +94,18 @@ def cmd_train_run(args: argparse.Namespace) -> int:
 
 def cmd_train_export(args: argparse.Namespace) -> int:
     """Export a checkpoint's (or a run folder's latest) teacher backbone to safetensors."""
-    from curate.train.checkpoint import CheckpointError, latest_checkpoint
-    from curate.train.export import ExportError, export_checkpoint
-    from curate.train.loop import CHECKPOINTS
+    from curate.train.checkpoint import CHECKPOINTS, latest_checkpoint
+    from curate.train.export import export_checkpoint
 
     source = Path(args.checkpoint)
     if not source.is_dir():
-        raise _usage_error(f"{source}: checkpoint folder not found")
+        raise UsageError(f"{source}: checkpoint folder not found")
     if (source / CHECKPOINTS).is_dir():
         latest = latest_checkpoint(source / CHECKPOINTS)
         if latest is None:
-            raise _usage_error(f"{source}: no complete checkpoint in {source / CHECKPOINTS}")
+            raise UsageError(f"{source}: no complete checkpoint in {source / CHECKPOINTS}")
         source = latest
-    try:
-        out = export_checkpoint(source, Path(args.out))
-    except (CheckpointError, ExportError) as error:
-        raise _usage_error(str(error)) from None
+    out = export_checkpoint(source, Path(args.out))
     print(f"teacher backbone of {source} -> {out}")
     return 0
 
@@ -147,14 +115,11 @@ def cmd_train_knn(args: argparse.Namespace) -> int:
     import timm
 
     from curate.stages.embed.model import ModelSpec, load_backbone
-    from curate.train.export import ExportError, read_metadata
-    from curate.train.knn_eval import KnnDataError, evaluate_knn, labelled_folder
+    from curate.train.export import read_metadata
+    from curate.train.knn_eval import evaluate_knn, labelled_folder
 
-    try:
-        metadata = read_metadata(Path(args.weights))
-        data = labelled_folder(Path(args.folder))
-    except (ExportError, KnnDataError) as error:
-        raise _usage_error(str(error)) from None
+    metadata = read_metadata(Path(args.weights))
+    data = labelled_folder(Path(args.folder))
     img_size = int(metadata["img_size"])
     if args.random_init:
         backbone = timm.create_model(
@@ -223,8 +188,8 @@ def cmd_train_demo_data(args: argparse.Namespace) -> int:
     """Write the demo corpus's originals as curated shards plus a labelled k-NN folder."""
     try:
         summary = write_demo_training_data(Path(args.demo_dir), Path(args.out), args.shard_size)
-    except (FileNotFoundError, ValueError) as error:
-        raise _usage_error(str(error)) from None
+    except (FileNotFoundError, ValueError) as error:  # no demo corpus there, or a damaged one
+        raise UsageError(str(error)) from None
     print(
         f"{summary['images']} images: curated shards in {summary['shards']}, "
         f"labelled k-NN folder {summary['knn']}"
@@ -280,16 +245,9 @@ def add_train_parser(commands: argparse._SubParsersAction) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """`python -m services.cli.train train ...`: the train commands without the rest of the CLI."""
-    from services.cli.main import UsageError
-
     parser = argparse.ArgumentParser(prog="curate")
     add_train_parser(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    try:
-        return args.func(args)
-    except UsageError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return EXIT_USAGE
+    return run_command(parser.parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -10,8 +10,8 @@ import pytest
 import yaml
 
 from curate.catalog import Catalog
-from pipelines.job import run_job
 from pipelines.executor import StageFailed
+from pipelines.job import run_job
 from schemas.job import parse_job_spec
 from tests.images import encode, photo
 from tests.kill import run_killed

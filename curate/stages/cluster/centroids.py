@@ -20,7 +20,6 @@ from curate.stages.cluster.hierarchy import Hierarchy, hierarchical_kmeans
 from curate.stages.cluster.kmeans import assign, clusters_for, train_kmeans
 from schemas.shards import CLUSTER
 
-STAGE = "cluster"
 CENTROIDS = "centroids.npy"
 HIERARCHY = "hierarchy.npz"
 

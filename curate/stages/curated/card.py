@@ -10,7 +10,7 @@ import duckdb
 
 from curate.core.atomic import write_json, write_text
 from curate.core.sql import read_parquet
-from curate.stages.curated.select import STAGE
+from schemas.job import StageName
 
 
 def _size_histogram(sizes: Iterable[int]) -> list[dict[str, int]]:
@@ -95,15 +95,16 @@ def dataset_stats(
         cluster_stats = _cluster_stats(con, [Path(p) for p in cluster])
     finally:
         con.close()
-    selection = metrics.get(STAGE, {}).get("selection", {})
+    selection = metrics.get(StageName.CURATED, {}).get("selection", {})
     return {
         "job_id": report.get("job_id"),
         "generated_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "stages": stages,
-        "seed_sets": metrics.get("retrieve", {}).get("seed_sets", []),
-        "embed_model": metrics.get("embed", {}).get("model"),
-        "random_weights": bool(metrics.get("embed", {}).get("random_weights")),
-        "collisions": selection.get("collisions") or metrics.get("retrieve", {}).get("collisions"),
+        "seed_sets": metrics.get(StageName.RETRIEVE, {}).get("seed_sets", []),
+        "embed_model": metrics.get(StageName.EMBED, {}).get("model"),
+        "random_weights": bool(metrics.get(StageName.EMBED, {}).get("random_weights")),
+        "collisions": selection.get("collisions")
+        or metrics.get(StageName.RETRIEVE, {}).get("collisions"),
         "selection": selection,
         "curated": curated_stats,
         "clusters": cluster_stats,

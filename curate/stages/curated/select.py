@@ -23,8 +23,6 @@ from curate.stages.curated.layout import bucket_sources_path, remove_work_dir, s
 from schemas.errors import DataError
 from schemas.shards import RETRIEVE
 
-STAGE = "curated"
-
 # Ties between equally similar matches go to the stronger evidence: the seed image itself, then a
 # seed's own neighbour, then a cluster pick.
 METHOD_PRIORITY: tuple[str, ...] = ("as-is", "knn", "cluster", "balanced")

@@ -32,7 +32,6 @@ from curate.stages.dedup.pca_hash.tables import MapTables
 from schemas.job import DedupOptions
 from schemas.shards import DEDUP, DEDUP_FEATURES
 
-STAGE = "dedup"
 PCA_BASIS = "pca_hash.npz"
 FIT_SEED = 0  # the PCA sample and the ITQ start: a re-run fits the same basis
 

@@ -18,7 +18,6 @@ from curate.stages.ingest.decode import load_rgb
 from schemas.job import DedupOptions
 from schemas.shards import DEDUP_FEATURES
 
-STAGE = "dedup_features"
 # Images decoded at once: bounds a worker's memory to a batch of decoded pixels, not a shard.
 _DECODE_BATCH = 64
 

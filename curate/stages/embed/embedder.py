@@ -23,10 +23,10 @@ from curate.core.devices import pick_device
 from curate.core.shards import PartResult, shard_name, write_shard
 from curate.stages.embed.model import ModelSpec, load_backbone
 from curate.stages.ingest.decode import to_rgb
+from schemas.job import StageName
 from schemas.reasons import Reason
 from schemas.shards import EMBED, ERRORS
 
-STAGE = "embed"
 # timm / DINOv2 evaluation resize: short side to size / 0.875 (256 for a 224 crop), then crop.
 _RESIZE_RATIO = 256 / 224
 _INGEST_COLUMNS = ["image_id", "uri", "image", "part", "item", "metadata"]
@@ -104,7 +104,7 @@ def _rows_to_embed(part: EmbedInput) -> pa.Table:
 def _error_row(row: dict, reason: Reason, detail: str) -> dict:
     return {
         "uri": row["uri"],
-        "stage": STAGE,
+        "stage": StageName.EMBED.value,
         "reason": str(reason),
         "detail": detail,
         "part": row["part"],

@@ -16,10 +16,9 @@ from curate.settings import CrawlSettings
 from curate.stages.ingest.crawl import Crawler
 from curate.stages.ingest.decode import AcceptedImage, Rejected, decode_image
 from curate.stages.ingest.sources import Item, SourcePart, read_local_items
-from schemas.job import IngestOptions
+from schemas.job import IngestOptions, StageName
 from schemas.shards import ERRORS, INGEST
 
-STAGE = "ingest"
 _EXTENSIONS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp", "GIF": "gif", "TIFF": "tif"}
 
 
@@ -80,7 +79,7 @@ def _shard_tables(part: SourcePart, outcomes: list[Outcome]) -> tuple[pa.Table, 
             errors.append(
                 {
                     "uri": outcome.uri,
-                    "stage": STAGE,
+                    "stage": StageName.INGEST.value,
                     "reason": str(result.reason),
                     "detail": result.detail,
                     "part": part.index,

@@ -14,9 +14,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from curate.core.index import EmbeddingTable, KnnIndex, assign, iter_embeddings, read_embeddings
+from curate.core.knn_index import KnnIndex
 from curate.core.shards import PartResult, ShardWriter, shard_name, write_shard
+from curate.core.vectors import EmbeddingTable, iter_embeddings, read_embeddings
 from curate.stages.cluster.centroids import CENTROIDS, embedded_rows, load_hierarchy
+from curate.stages.cluster.kmeans import assign
 from curate.stages.retrieve.policies import (
     CrawlKeys,
     retrieve_as_is,
@@ -27,7 +29,6 @@ from curate.stages.retrieve.policies import (
 from curate.stages.retrieve.seed_sets import PolicyStep
 from schemas.shards import RETRIEVE
 
-STAGE = "retrieve"
 INDEX = "crawl.index"
 KEYS = "crawl_keys.parquet"
 

@@ -22,17 +22,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from curate.core.index import (
-    BLOCK,
-    EmbeddingTable,
-    Hierarchy,
-    KnnIndex,
-    allocate_budget,
-    assign,
-    even_split,
-    iter_embeddings,
-    water_level,
-)
+from curate.core.knn_index import KnnIndex
+from curate.core.vectors import BLOCK, EmbeddingTable, iter_embeddings
+from curate.stages.cluster.hierarchy import Hierarchy, allocate_budget, even_split, water_level
+from curate.stages.cluster.kmeans import assign
 from schemas.shards import RETRIEVE
 
 _FNV_OFFSET = np.uint64(0xCBF29CE484222325)

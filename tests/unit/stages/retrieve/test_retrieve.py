@@ -8,8 +8,10 @@ import pyarrow.compute as pc
 import pytest
 
 import curate.stages.retrieve.policies as retrieve
-from curate.core.index import EmbeddingTable, Hierarchy, KnnIndex, unit_rows
+from curate.core.knn_index import KnnIndex
 from curate.core.shards import write_shard
+from curate.core.vectors import EmbeddingTable, unit_rows
+from curate.stages.cluster.hierarchy import Hierarchy
 from curate.stages.retrieve.policies import (
     CrawlKeys,
     collisions,
