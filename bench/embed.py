@@ -3,11 +3,12 @@
   1. bare: the backbone's forward alone on pre-decoded, pre-normalised float tensors in this
      process, torch given every core; measured before and after the stage runs (shared machine);
   2. stage: the embed stage through the executor (RayCompute.map_parts) end to end over
-     INGEST + DEDUP shards of generated JPEGs on a local Ray (decode tasks, model actor, shard writes, commits). Reported twice:
-     end to end (Ray workers and model start-up included) and steady state (images of the parts
-     after the first over the time between the first and the last commit: the rate a long job
-     runs at). The 0.85x target is on steady state. Two CPU placements are compared: the actor
-     given all cores as torch threads (the default), and all cores but one;
+     INGEST + DEDUP shards of generated JPEGs on a local Ray (decode tasks, model actor, shard
+     writes, commits). Reported twice: end to end (Ray workers and model start-up included) and
+     steady state (images of the parts after the first over the time between the first and the
+     last commit: the rate a long job runs at). The 0.85x target is on steady state. Two CPU
+     placements are compared: the actor given all cores as torch threads (the default), and all
+     cores but one;
   3. on a GPU (when present): ViT-H/14 bf16 images/s through the Embedder on uint8 crops and its
      share of the GPU's dense bf16 peak, FLOPs counted by torch's FlopCounterMode.
 

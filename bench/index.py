@@ -1,12 +1,12 @@
 """Clustering and the kNN index, measured on the library functions directly (no pipeline).
 
-  1. k-means: curate.core.index.train_kmeans against raw faiss.Kmeans (spherical, same seed, niter,
-     max_points_per_centroid and input) on N x 256 float32 unit vectors, k = 10,000; one run
+  1. k-means: the cluster stage's train_kmeans against raw faiss.Kmeans (spherical, same seed,
+     niter, max_points_per_centroid and input) on N x 256 float32 unit vectors, k = 10,000; one run
      each, raw first. Target: ours <= 1.1 x raw. The same computation must give the same
      centroids, which the run checks.
   2. recall: KnnIndex IVF-PQ (nlist from ivf_params) against exact search on N x 768 clustered
      synthetic embeddings, with held-out queries: recall@4 and queries/s over a pq_m x nprobe x
-     rerank grid; the curve curate.core.index's defaults come from. Target: recall@4 >= 0.95 at the
+     rerank grid; the curve KnnIndex's defaults come from. Target: recall@4 >= 0.95 at the
      defaults.
 
 On this 2-core machine a k-means iteration over 1M x 10,000 x 256 takes over a minute, so the

@@ -31,6 +31,11 @@ WORK = BENCH / "work" / "train"
 RESULTS = BENCH / "results"
 MEASURED = (
     "curate/train/loop.py",
+    "curate/train/step.py",
+    "curate/train/setup.py",
+    "curate/train/runtime.py",
+    "curate/train/windows.py",
+    "curate/train/shards.py",
     "curate/train/model.py",
     "curate/train/losses.py",
     "curate/train/data.py",

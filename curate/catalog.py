@@ -39,6 +39,12 @@ class JobConflict(ConflictError, CatalogError):
     code = "job_conflict"
 
 
+class NameTaken(ConflictError, CatalogError):
+    """A seed or evaluation set name registered otherwise already."""
+
+    code = "name_taken"
+
+
 def _now() -> datetime:
     return datetime.now(UTC).replace(tzinfo=None)
 
@@ -264,9 +270,7 @@ class Catalog:
         with self._transaction() as con:
             row = con.execute("SELECT location FROM eval_sets WHERE name = ?", [name]).fetchone()
             if row is not None and row[0] != location:
-                raise CatalogError(
-                    f"eval set {name!r} is registered at {row[0]}; choose another name"
-                )
+                raise NameTaken(f"eval set {name!r} is registered at {row[0]}; choose another name")
             if row is None:
                 con.execute("INSERT INTO eval_sets VALUES (?, ?, ?)", [name, location, _now()])
 
@@ -288,7 +292,7 @@ class Catalog:
             if row is not None and tuple(row) == (location, policy, cap):
                 return  # the same registration again: its caches stay valid
             if row is not None and not replace:
-                raise CatalogError(
+                raise NameTaken(
                     f"seed set {name!r} is registered at {row[0]} with policy {row[1]}; "
                     "add --replace to change it"
                 )

@@ -4,15 +4,37 @@ import secrets
 from datetime import datetime
 
 from curate.catalog import Catalog
-from curate.core.stage import JobRun
+from curate.core.stage import JobRun, Stage
 from curate.settings import Settings
 from pipelines.executor import RayCompute, init_ray, run_stage
 from pipelines.registry import job_stages
+from schemas.errors import CurateError, ErrorKind
 from schemas.job import JobSpec
 
 
 def new_job_id() -> str:
     return f"job-{datetime.now():%Y%m%d-%H%M%S}-{secrets.token_hex(2)}"
+
+
+# What a user named wrongly is reported before what the machine lacks: fixing a model path first
+# only to learn that the seed set was misspelt wastes a round.
+_CHECK_ORDER = [ErrorKind.INPUT, ErrorKind.NOT_FOUND, ErrorKind.CONFLICT, ErrorKind.MODEL]
+
+
+def _check(job: JobRun, stages: list[Stage]) -> list[str]:
+    """Every stage checks its input before the job is recorded: a bad source, an unregistered
+    seed set or a missing model starts nothing. Returns what the checks found, for the log."""
+    found, refused = [], []
+    for stage in stages:
+        try:
+            if note := stage.check(job):
+                found.append(note)
+        except CurateError as error:
+            refused.append(error)
+    if refused:
+        rank = {kind: i for i, kind in enumerate(_CHECK_ORDER)}
+        raise min(refused, key=lambda error: rank.get(error.kind, len(rank)))
+    return found
 
 
 def run_job(spec: JobSpec, settings: Settings, log=print) -> dict:
@@ -23,9 +45,7 @@ def run_job(spec: JobSpec, settings: Settings, log=print) -> dict:
     catalog = Catalog(settings.catalog_file, settings.data_root)
     job = JobRun(spec, settings, catalog, RayCompute(progress=settings.progress))
     stages = job_stages(spec)
-    # Every stage checks its input before the job is recorded: a bad source, an unregistered
-    # seed set or a missing model starts nothing.
-    found = [note for stage in stages if (note := stage.check(job))]
+    found = _check(job, stages)
     resumed = catalog.open_job(spec)
     log(f"{'resuming' if resumed else 'starting'} job {spec.job_id}: {'; '.join(found)}")
     catalog.set_job_status(spec.job_id, "running")

@@ -8,7 +8,6 @@ import argparse
 import json
 from typing import Any
 
-from curate.catalog import CatalogError
 from curate.settings import Settings
 from schemas.job import parse_job_spec
 from services.cli.common import load_settings, open_catalog
@@ -23,12 +22,7 @@ def cmd_eval_sets_add(args: argparse.Namespace) -> int:
     parse_job_spec({"source": args.location, "eval_sets": [args.name]})
     source = detect_source(args.location)
     catalog = open_catalog(load_settings())
-    try:
-        catalog.add_eval_set(args.name, args.location)
-    except CatalogError as error:
-        # The name is registered at another location. The catalog raises that clash with the
-        # kind of a catalog failure (internal), so it is turned into the usage error it is here.
-        raise UsageError(str(error)) from None
+    catalog.add_eval_set(args.name, args.location)
     print(f"eval set {args.name}: {source.description} at {args.location}")
     return 0
 
@@ -55,12 +49,7 @@ def cmd_seeds_add(args: argparse.Namespace) -> int:
     location, policy, cap = registration(args.name, args.location, args.policy, args.cap)
     source = detect_source(location)
     catalog = open_catalog(load_settings())
-    try:
-        catalog.add_seed_set(args.name, location, policy, cap, replace=args.replace)
-    except CatalogError as error:
-        # Registered otherwise and no --replace: a usage error, raised by the catalog with the
-        # kind of a catalog failure (as for eval sets above).
-        raise UsageError(str(error)) from None
+    catalog.add_seed_set(args.name, location, policy, cap, replace=args.replace)
     capped = f", cap {cap:,}" if cap else ""
     print(f"seed set {args.name}: {source.description} at {location}, policy {policy}{capped}")
     return 0

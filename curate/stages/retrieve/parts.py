@@ -103,9 +103,7 @@ def build_crawl_index(crawl: CrawlInputs, options: IndexOptions) -> dict:
     crawl.index_dir.mkdir(parents=True, exist_ok=True)
     # Keys first: the index file is what marks the pair complete.
     write_shard(pa.concat_tables(keys), keys_path)
-    tmp = crawl.index_dir / f".{INDEX}.tmp"
-    index.save(tmp)
-    tmp.replace(index_path)
+    index.save(index_path)  # atomic
     return index.describe()
 
 

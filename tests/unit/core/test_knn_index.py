@@ -8,16 +8,6 @@ from curate.core.knn_index import KnnIndex, ivf_params
 from curate.core.vectors import unit_rows
 
 
-@pytest.fixture(autouse=True)
-def one_faiss_thread():
-    """FAISS's OpenMP threads spin while waiting: on a shared 2-core machine two of them turn
-    PQ training from 3 s into 20 s. The results do not depend on the thread count."""
-    threads = faiss.omp_get_max_threads()
-    faiss.omp_set_num_threads(1)
-    yield
-    faiss.omp_set_num_threads(threads)
-
-
 def neighbour_groups(groups: int, members: int, d: int, seed: int = 0):
     """Base vectors in groups of `members` around random directions, member j at cosine
     ~1 / sqrt(1 + (0.05 + 0.07 j)^2) (0.999, 0.993, 0.982, ...) from its direction, and one query

@@ -2,7 +2,7 @@
 
 import pytest
 
-from curate.catalog import CatalogError, JobConflict, JobNotFound
+from curate.catalog import CatalogError, JobConflict, JobNotFound, NameTaken
 from curate.stages.dedup.copy_detection import CopyWeightsError
 from curate.stages.dedup.eval_sets import EvalSetError
 from curate.stages.embed.model import WeightsError
@@ -24,6 +24,7 @@ KINDS = {
     WeightsError: ErrorKind.MODEL,
     CopyWeightsError: ErrorKind.MODEL,
     JobConflict: ErrorKind.CONFLICT,
+    NameTaken: ErrorKind.CONFLICT,
     SeedSetConflict: ErrorKind.CONFLICT,
     CatalogError: ErrorKind.INTERNAL,
 }

@@ -1,20 +1,8 @@
-"""Shared by the cluster stage's tests: one FAISS thread, and planted clusters."""
+"""Shared by the cluster stage's tests: planted clusters."""
 
-import faiss
 import numpy as np
-import pytest
 
 from curate.core.vectors import unit_rows
-
-
-@pytest.fixture(autouse=True)
-def one_faiss_thread():
-    """FAISS's OpenMP threads spin while waiting: on a shared 2-core machine two of them turn
-    PQ training from 3 s into 20 s. The results do not depend on the thread count."""
-    threads = faiss.omp_get_max_threads()
-    faiss.omp_set_num_threads(1)
-    yield
-    faiss.omp_set_num_threads(threads)
 
 
 def planted(

@@ -1,7 +1,6 @@
 """The retrieval policies (as-is, knn, cluster, balanced) and collision counts, on small
 generated embeddings."""
 
-import faiss
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -22,16 +21,6 @@ from curate.stages.retrieve.policies import (
     retrieve_knn,
 )
 from schemas.shards import CLUSTER, EMBED, RETRIEVE
-
-
-@pytest.fixture(autouse=True)
-def one_faiss_thread():
-    """FAISS's spinning OpenMP threads crawl on a shared 2-core machine; results do not
-    depend on the thread count."""
-    threads = faiss.omp_get_max_threads()
-    faiss.omp_set_num_threads(1)
-    yield
-    faiss.omp_set_num_threads(threads)
 
 
 def embeddings(ids: list[str], vectors: np.ndarray, part: int = 0) -> EmbeddingTable:
