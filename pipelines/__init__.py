@@ -1,1 +1,1 @@
-"""Ray orchestration: job specs become stages of Ray tasks over `curate` functions."""
+"""Ray orchestration: the one executor, the stage registry, running a job, and recipes."""
