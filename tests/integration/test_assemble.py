@@ -21,7 +21,7 @@ from curate.stages.curated.layout import scatter_path
 from curate.stages.curated.select import SelectionError, select
 from curate.stages.curated.shuffle import gather_bucket, scatter_source
 from curate.stages.curated.stage import STAGE as CURATED_STAGE
-from curate.stages.retrieve.stage import pin_seed_sets
+from curate.stages.retrieve.pinning import pin_seed_sets
 from pipelines.executor import RayCompute, run_stage
 from schemas.job import parse_job_spec
 from schemas.shards import INGEST, RETRIEVE

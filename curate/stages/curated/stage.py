@@ -16,7 +16,7 @@ from curate.stages.curated.card import dataset_stats, write_dataset_card
 from curate.stages.curated.layout import remove_work_dir, scatter_path
 from curate.stages.curated.select import Bucket, Selection, SourceShard, select
 from curate.stages.curated.shuffle import gather_bucket, scatter_source
-from curate.stages.retrieve.stage import pinned_seed_ingest
+from curate.stages.retrieve.pinning import pinned_seed_ingest
 from schemas.errors import InternalError
 from schemas.job import StageName
 

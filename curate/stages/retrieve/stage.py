@@ -1,13 +1,10 @@
 """The retrieve stage: crawl images picked for every seed set, one part per (seed set, policy
 step), over a crawl kNN index and a balanced-sampling hierarchy built once for the job."""
 
-import json
-from pathlib import Path
 from typing import Any
 
 import pyarrow.parquet as pq
 
-from curate.core import atomic
 from curate.core.shards import PartResult
 from curate.core.stage import JobRun, Plan, Stage
 from curate.stages.cluster.centroids import fit_hierarchy
@@ -19,41 +16,10 @@ from curate.stages.retrieve.parts import (
     build_crawl_index,
     retrieve_part,
 )
+from curate.stages.retrieve.pinning import pin_seed_sets
 from curate.stages.retrieve.policies import collisions
 from curate.stages.retrieve.seed_cache import LoadedSeedSet, check_seed_sets, load_seed_sets
-from curate.stages.retrieve.seed_sets import SeedSetConflict
 from schemas.job import StageName
-
-PINNED_SEED_SETS = "seed_sets.json"
-
-
-def pin_seed_sets(stage_dir: Path, pin: dict) -> None:
-    """Record the seed sets a job retrieves for, and their ingest shards; a resume with other
-    registrations is refused.
-
-    Retrieve parts are numbered by (seed set, policy step), and as-is rows point into the seed
-    set's ingest shards: re-registering a set between a crash and its resume would otherwise
-    pair committed parts with other policies, or as-is rows with other shards.
-    """
-    pinned = stage_dir / PINNED_SEED_SETS
-    if pinned.exists():
-        before = json.loads(pinned.read_text())
-        if before["seed_sets"] != pin["seed_sets"]:
-            raise SeedSetConflict(
-                f"the seed sets changed since this job started retrieving (was "
-                f"{before['seed_sets']}, now {pin['seed_sets']}); run it under a new --job"
-            )
-        return
-    atomic.write_json(pinned, pin)
-
-
-def pinned_seed_ingest(stage_dir: Path) -> dict[str, dict[int, Path]]:
-    """The seed sets' ingest shards the job's retrieval used, whatever the registry says now."""
-    pinned = json.loads((stage_dir / PINNED_SEED_SETS).read_text())["ingest"]
-    return {
-        name: {int(part): Path(path) for part, path in shards.items()}
-        for name, shards in pinned.items()
-    }
 
 
 def _has_policy(seed_sets: list[LoadedSeedSet], kind: str) -> bool:
