@@ -12,11 +12,13 @@ RECIPE ?=
 # The demo's seed set exercises every retrieval policy on the demo corpus's seed images.
 DEMO_POLICY ?= as-is+knn:4+cluster:25+balanced:200
 
+PORT ?= 8765
+
 TRAIN_DIR ?= $(CURATE_DATA_ROOT)/train-demo
 TRAIN_STEPS ?= 400
 TRAIN_MINUTES ?= 9
 
-.PHONY: curate demo train test test-fast lint bench clean
+.PHONY: curate demo serve train test test-fast lint bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -37,6 +39,19 @@ endif
 
 demo: $(STAMP)
 	$(BIN)/curate demo $(DEMO_DIR)
+
+# The REST service and web UI on the demo job: the demo job is run first unless it is done, a
+# write token is made, and the service may read the demo corpus (a second job from the UI form).
+serve: $(STAMP)
+	$(BIN)/curate demo $(DEMO_DIR)
+	$(BIN)/curate seeds add demo $(DEMO_DIR)/seeds/demo --policy $(DEMO_POLICY)
+	$(BIN)/curate jobs show demo --json 2>/dev/null | grep -q '"status": "done"' || \
+		$(BIN)/curate run --recipe demo --source $(DEMO_DIR)/crawl --seeds demo --job demo
+	@token=$$($(BIN)/curate tokens create --scope write --name "make serve" --json | \
+		$(BIN)/python -c 'import json, sys; print(json.load(sys.stdin)["token"])') && \
+		echo && echo "  open  http://127.0.0.1:$(PORT)/  and sign in with the write token" && \
+		echo "  token $$token" && echo
+	CURATE_SOURCE_ROOTS=$(DEMO_DIR) $(BIN)/curate serve --port $(PORT)
 
 # The trainer on the demo corpus's labelled originals, with k-NN accuracy along the way: a ViT-Ti
 # for a bounded time on CPU (torchrun -m services.cli.train ... for several processes or GPUs).
@@ -66,6 +81,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/index.py
 	$(BIN)/python bench/pipeline.py
 	$(BIN)/python bench/train.py
+	$(BIN)/python bench/service.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache

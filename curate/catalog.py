@@ -8,13 +8,15 @@ That way a CLI run and the service can share one catalog. Only drivers call this
 import json
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import duckdb
 
+from curate.catalog_reports import JobReports
+from curate.catalog_service import ServiceRecords
 from curate.core.shards import PartResult, ShardRef
 from curate.core.sql import path_list, quote_name
 from schemas.catalog import CATALOG_DDL, STAGE_VIEWS
@@ -64,7 +66,7 @@ _EMPTY_ERRORS = (
 )
 
 
-class Catalog:
+class Catalog(JobReports, ServiceRecords):
     def __init__(self, path: Path, data_root: Path, lock_timeout_s: float = 120.0):
         self.path = Path(path)
         self.data_root = Path(data_root)
@@ -97,7 +99,10 @@ class Catalog:
             yield con
             con.commit()
         except BaseException:
-            con.rollback()
+            # A signal (a cancelled job's SIGTERM) may land just after the commit: there is
+            # then nothing to roll back, and the signal's exception is what must propagate.
+            with suppress(duckdb.Error):
+                con.rollback()
             raise
         finally:
             con.close()
@@ -164,7 +169,11 @@ class Catalog:
                 VALUES (?, ?, 'running', ?, ?)
                 ON CONFLICT (job_id, stage) DO UPDATE SET
                     status = 'running', parts_total = excluded.parts_total, message = NULL,
-                    finished_at = NULL
+                    finished_at = NULL,
+                    -- A resumed stage starts again (what the service's change times see); a
+                    -- running one re-counting its parts does not.
+                    started_at = CASE WHEN stages.status = 'running' THEN stages.started_at
+                                      ELSE excluded.started_at END
                 """,
                 [job_id, stage, parts_total, _now()],
             )
@@ -340,77 +349,7 @@ class Catalog:
                         + template.format(**sources)
                     )
 
-    # -- reports ------------------------------------------------------------------------------
-
-    def list_jobs(self) -> list[dict[str, Any]]:
-        with self._transaction() as con:
-            cur = con.execute(
-                """
-                SELECT j.job_id, j.status, j.spec->>'source' AS source, j.created_at,
-                       j.updated_at, coalesce(sum(p.rows_out), 0) AS rows_out,
-                       coalesce(sum(p.errors), 0) AS errors
-                FROM jobs j LEFT JOIN parts p USING (job_id)
-                GROUP BY ALL ORDER BY j.created_at
-                """
-            )
-            names = [d[0] for d in cur.description]
-            return [dict(zip(names, row, strict=True)) for row in cur.fetchall()]
-
-    def job_report(self, job_id: str) -> dict[str, Any]:
-        """Everything `curate jobs show` prints, as plain data."""
-        with self._transaction() as con:
-            job = con.execute(
-                "SELECT job_id, status, message, spec, created_at, updated_at FROM jobs "
-                "WHERE job_id = ?",
-                [job_id],
-            ).fetchone()
-            if job is None:
-                raise JobNotFound(f"no job {job_id!r} in {self.path}")
-            stages = con.execute(
-                """
-                SELECT s.stage, s.status, s.parts_total, count(p.part) AS parts_done,
-                       coalesce(sum(p.rows_in), 0), coalesce(sum(p.rows_out), 0),
-                       coalesce(sum(p.errors), 0), s.seconds, s.metrics, s.message,
-                       s.started_at, s.finished_at
-                FROM stages s LEFT JOIN parts p USING (job_id, stage)
-                WHERE s.job_id = ? GROUP BY ALL ORDER BY s.started_at
-                """,
-                [job_id],
-            ).fetchall()
-            reasons = con.execute(
-                "SELECT stage, reason, sum(count) FROM error_counts WHERE job_id = ? "
-                "GROUP BY ALL ORDER BY 1, 3 DESC, 2",
-                [job_id],
-            ).fetchall()
-        report_stages = []
-        for row in stages:
-            stage = row[0]
-            report_stages.append(
-                {
-                    "stage": stage,
-                    "status": row[1],
-                    "parts_total": row[2],
-                    "parts_done": row[3],
-                    "rows_in": row[4],
-                    "rows_out": row[5],
-                    "errors": row[6],
-                    "seconds": round(row[7] or 0.0, 3),
-                    "metrics": json.loads(row[8]) if row[8] else {},
-                    "message": row[9],
-                    "started_at": row[10].isoformat() if row[10] else None,
-                    "finished_at": row[11].isoformat() if row[11] else None,
-                    "errors_by_reason": {r: int(n) for s, r, n in reasons if s == stage},
-                }
-            )
-        return {
-            "job_id": job[0],
-            "status": job[1],
-            "message": job[2],
-            "spec": json.loads(job[3]),
-            "created_at": job[4].isoformat(),
-            "updated_at": job[5].isoformat(),
-            "stages": report_stages,
-        }
+    # -- SQL --------------------------------------------------------------------------------
 
     def query(self, sql: str) -> tuple[list[str], list[tuple]]:
         """Run one read-only SQL statement against the catalog and its views."""
@@ -421,3 +360,42 @@ class Catalog:
             return names, cur.fetchall() if names else []
         finally:
             con.close()
+
+    # -- browsing (curate/browse) -------------------------------------------------------------
+
+    def browse_inputs(self, job_id: str) -> dict[str, Any]:
+        """What a job's browse index is built from, read in one transaction: its spec and
+        status, its stages' statuses and every registered data shard, by stage: (part, path,
+        checksum)."""
+        with self._transaction() as con:
+            job = con.execute("SELECT spec, status FROM jobs WHERE job_id = ?", [job_id]).fetchone()
+            if job is None:
+                raise JobNotFound(f"no job {job_id!r} in {self.path}")
+            stages = con.execute(
+                "SELECT stage, status FROM stages WHERE job_id = ? ORDER BY stage", [job_id]
+            ).fetchall()
+            shards = con.execute(
+                "SELECT stage, part, path, checksum FROM shards "
+                "WHERE job_id = ? AND kind = 'data' ORDER BY stage, part",
+                [job_id],
+            ).fetchall()
+        by_stage: dict[str, list[tuple[int, Path, str]]] = {}
+        for stage, part, path, checksum in shards:
+            by_stage.setdefault(stage, []).append((part, self.absolute(path), checksum))
+        return {
+            "spec": json.loads(job[0]),
+            "status": job[1],
+            "stages": dict(stages),
+            "shards": by_stage,
+        }
+
+    def browse_job_ids(self) -> list[tuple[str, str]]:
+        """(job_id, status) of the jobs with ingested images, newest first: where an image is
+        looked for by id."""
+        with self._transaction() as con:
+            rows = con.execute(
+                "SELECT job_id, status FROM jobs WHERE job_id IN "
+                "(SELECT job_id FROM shards WHERE stage = 'ingest' AND kind = 'data') "
+                "ORDER BY created_at DESC"
+            ).fetchall()
+        return [(job_id, status) for job_id, status in rows]

@@ -15,6 +15,7 @@ actor, so the actor only runs the model.
 
 import itertools
 import os
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -37,6 +38,27 @@ class StageFailed(CurateError):
     the error that failed on the worker, when that was one of ours."""
 
     code = "stage_failed"
+
+
+class JobCancelled(CurateError):
+    """The driver was asked to stop (SIGTERM: a cancel from the service, or `kill`): the stage
+    under way and the job are recorded `cancelled`; committed parts stay, and a re-run resumes."""
+
+    kind = ErrorKind.CONFLICT
+    code = "job_cancelled"
+
+
+# Set by the driver's SIGTERM handler (pipelines/job.py), which then raises KeyboardInterrupt:
+# the one exception Ray's blocking calls (ray.wait, ray.get) give way to; any other raised by a
+# signal handler inside them is swallowed and the wait goes on.
+STOP_REQUESTED = threading.Event()
+
+
+def is_cancel(error: BaseException) -> bool:
+    """Whether an exception is the driver's clean stop rather than a failure or a Ctrl-C."""
+    return isinstance(error, JobCancelled) or (
+        isinstance(error, KeyboardInterrupt) and STOP_REQUESTED.is_set()
+    )
 
 
 def init_ray(settings: Settings) -> None:
@@ -348,8 +370,11 @@ def run_stage(stage: Stage, job: JobRun) -> None:
             metrics = stage.summarize(job, plan)
         except BaseException as error:
             message = "interrupted" if isinstance(error, KeyboardInterrupt) else str(error)
+            status = "failed"
+            if is_cancel(error):
+                message = status = "cancelled"
             catalog.finish_stage(
-                job.job_id, name, "failed", time.perf_counter() - started, message=message
+                job.job_id, name, status, time.perf_counter() - started, message=message
             )
             raise
         catalog.finish_stage(job.job_id, name, "done", time.perf_counter() - started, metrics)

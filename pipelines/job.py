@@ -1,20 +1,23 @@
 """Run a curation job: every stage of its spec in order, resuming what a previous run left."""
 
-import secrets
-from datetime import datetime
+import signal
+import threading
+from typing import Any
 
 from curate.catalog import Catalog
 from curate.core.stage import JobRun, Stage
 from curate.settings import Settings
-from pipelines.executor import RayCompute, init_ray, run_stage
+from pipelines.executor import (
+    STOP_REQUESTED,
+    JobCancelled,
+    RayCompute,
+    init_ray,
+    is_cancel,
+    run_stage,
+)
 from pipelines.registry import job_stages
 from schemas.errors import CurateError, ErrorKind
-from schemas.job import JobSpec
-
-
-def new_job_id() -> str:
-    return f"job-{datetime.now():%Y%m%d-%H%M%S}-{secrets.token_hex(2)}"
-
+from schemas.job import JobSpec, new_job_id
 
 # What a user named wrongly is reported before what the machine lacks: fixing a model path first
 # only to learn that the seed set was misspelt wastes a round.
@@ -37,9 +40,24 @@ def _check(job: JobRun, stages: list[Stage]) -> list[str]:
     return found
 
 
+def _cancel_on_sigterm() -> Any:
+    """SIGTERM (the service's cancel, or `kill`) becomes a clean stop in the main thread that
+    records `cancelled` (see executor.STOP_REQUESTED). Returns the handler it replaces."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def cancel(signum: int, frame: Any) -> None:
+        # One clean stop: a second SIGTERM would interrupt the recording of the first.
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        STOP_REQUESTED.set()
+        raise KeyboardInterrupt("SIGTERM")
+
+    return signal.signal(signal.SIGTERM, cancel)
+
+
 def run_job(spec: JobSpec, settings: Settings, log=print) -> dict:
     """Run (or resume) the job; returns its catalog report. Raises a CurateError on unusable
-    input before anything is recorded."""
+    input before anything is recorded, JobCancelled once stopped by SIGTERM."""
     spec = spec.model_copy(update={"job_id": spec.job_id or new_job_id()})
     assert spec.job_id
     catalog = Catalog(settings.catalog_file, settings.data_root)
@@ -49,15 +67,28 @@ def run_job(spec: JobSpec, settings: Settings, log=print) -> dict:
     resumed = catalog.open_job(spec)
     log(f"{'resuming' if resumed else 'starting'} job {spec.job_id}: {'; '.join(found)}")
     catalog.set_job_status(spec.job_id, "running")
+    STOP_REQUESTED.clear()
+    previous = _cancel_on_sigterm()
     try:
         init_ray(settings)
+        _cancel_on_sigterm()  # again: ray.init installs a SIGTERM handler of its own (sys.exit)
         for stage in stages:
             run_stage(stage, job)
     except BaseException as error:
         message = "interrupted" if isinstance(error, KeyboardInterrupt) else str(error)
-        catalog.set_job_status(spec.job_id, "failed", message)
+        stopped = is_cancel(error)
+        # A job asked to stop is cancelled however its driver stops.
+        if stopped or catalog.job_status(spec.job_id) == "cancelling":
+            message = "cancelled; the committed parts stay: run the job again to resume"
+            catalog.set_job_status(spec.job_id, "cancelled", message)
+        else:
+            catalog.set_job_status(spec.job_id, "failed", message)
+        if stopped:
+            raise JobCancelled(message) from None
         raise
     finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
         catalog.refresh_views(spec.job_id)
     catalog.set_job_status(spec.job_id, "done")
     return catalog.job_report(spec.job_id)

@@ -6,7 +6,7 @@ CATALOG_DDL = """
 CREATE TABLE IF NOT EXISTS jobs (
     job_id      VARCHAR PRIMARY KEY,
     spec        JSON NOT NULL,
-    status      VARCHAR NOT NULL,          -- created | running | done | failed
+    status      VARCHAR NOT NULL,          -- created|running|cancelling|done|failed|cancelled
     message     VARCHAR,
     created_at  TIMESTAMP NOT NULL,
     updated_at  TIMESTAMP NOT NULL
@@ -14,7 +14,7 @@ CREATE TABLE IF NOT EXISTS jobs (
 CREATE TABLE IF NOT EXISTS stages (
     job_id       VARCHAR NOT NULL,
     stage        VARCHAR NOT NULL,
-    status       VARCHAR NOT NULL,         -- running | done | failed
+    status       VARCHAR NOT NULL,         -- running | done | failed | cancelled
     parts_total  BIGINT,
     started_at   TIMESTAMP,
     finished_at  TIMESTAMP,
@@ -68,6 +68,33 @@ CREATE TABLE IF NOT EXISTS error_counts (
     reason  VARCHAR NOT NULL,
     count   BIGINT NOT NULL,
     PRIMARY KEY (job_id, stage, part, reason)
+);
+-- The service (services/api). API tokens: only the sha256 of the secret is kept; a revoked
+-- token stays listed with the time it was revoked.
+CREATE TABLE IF NOT EXISTS api_tokens (
+    token_id    VARCHAR PRIMARY KEY,
+    name        VARCHAR,
+    scope       VARCHAR NOT NULL,          -- read | write (write implies read)
+    sha256      VARCHAR NOT NULL,
+    created_at  TIMESTAMP NOT NULL,
+    revoked_at  TIMESTAMP
+);
+-- POST /v1/jobs with an Idempotency-Key: the job it created and the body it was created from.
+CREATE TABLE IF NOT EXISTS idempotency_keys (
+    key             VARCHAR PRIMARY KEY,
+    request_sha256  VARCHAR NOT NULL,      -- of the request body as canonical JSON
+    job_id          VARCHAR NOT NULL,
+    created_at      TIMESTAMP NOT NULL
+);
+-- The process running a job the service started: its latest launch only.
+CREATE TABLE IF NOT EXISTS job_drivers (
+    job_id      VARCHAR PRIMARY KEY,
+    driver_id   VARCHAR NOT NULL,          -- one per launch: a stale launch's news is ignored
+    kind        VARCHAR NOT NULL,          -- process | ray
+    ref         VARCHAR,                   -- process: "pid:start ticks"; ray: submission id
+    host        VARCHAR NOT NULL,
+    started_at  TIMESTAMP NOT NULL,
+    log_path    VARCHAR                    -- process drivers: stdout and stderr
 );
 """
 

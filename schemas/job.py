@@ -2,6 +2,8 @@
 parse into."""
 
 import re
+import secrets
+from datetime import datetime
 from enum import StrEnum
 from typing import Any, Literal
 
@@ -41,6 +43,11 @@ SEEDED_STAGES = (StageName.RETRIEVE.value, StageName.CURATED.value)
 NAME_PATTERN = r"^[a-z0-9][a-z0-9_.-]{0,62}$"
 
 JOB_ID_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,62}$"
+
+
+def new_job_id() -> str:
+    """An id for a job given none: its start time and a little randomness (JOB_ID_PATTERN)."""
+    return f"job-{datetime.now():%Y%m%d-%H%M%S}-{secrets.token_hex(2)}"
 
 
 class SpecError(InputError, ValueError):

@@ -16,6 +16,8 @@ class Reason(StrEnum):
     ROBOTS_OPT_OUT = "robots_opt_out"
     TOO_LARGE = "too_large"
     READ_ERROR = "read_error"
+    # a listed file whose symlink leads outside the source folder (or the allowed roots)
+    OUTSIDE_ROOT = "outside_root"
     # content
     EMPTY = "empty"
     NOT_AN_IMAGE = "not_an_image"

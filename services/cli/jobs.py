@@ -10,12 +10,16 @@ from services.cli.errors import UsageError
 
 
 def print_report(report: dict[str, Any], out: TextIO) -> None:
-    """A job report (Catalog.job_report) as the table `curate jobs show` and `curate run` print."""
+    """A job report (Catalog.job_report or job_detail, which adds the counts) as the table
+    `curate jobs show` and `curate run` print."""
     print(f"job {report['job_id']}  status: {report['status']}", file=out)
     print(f"  source:  {report['spec']['source']}", file=out)
     print(f"  created: {report['created_at']}  updated: {report['updated_at']}", file=out)
     if report.get("message"):
         print(f"  message: {report['message']}", file=out)
+    if report.get("counts"):
+        counts = ", ".join(f"{_count(report['counts'][k])} {t}" for k, t in _COUNTS.items())
+        print(f"  images:  {counts}", file=out)
     header = f"  {'stage':<16}{'status':<9}{'parts':>11}{'rows in':>10}{'rows out':>10}"
     print(header + f"{'errors':>8}{'seconds':>9}", file=out)
     for stage in report["stages"]:
@@ -35,6 +39,20 @@ def print_report(report: dict[str, Any], out: TextIO) -> None:
             print(f"      message: {stage['message']}", file=out)
 
 
+# The job summary's counts (Catalog.job_counts) as `curate jobs list` titles them.
+_COUNTS = {
+    "items_read": "read",
+    "images_kept": "kept",
+    "images_embedded": "embedded",
+    "curated_images": "curated",
+    "errors": "errors",
+}
+
+
+def _count(value: int | None) -> str:
+    return "-" if value is None else str(value)
+
+
 def cmd_jobs_list(args: argparse.Namespace) -> int:
     jobs = open_catalog(load_settings()).list_jobs()
     if args.json:
@@ -43,17 +61,16 @@ def cmd_jobs_list(args: argparse.Namespace) -> int:
     if not jobs:
         print("no jobs yet: start one with `curate run --source SRC`")
         return 0
-    print(f"{'job':<32}{'status':<9}{'images':>9}{'errors':>8}  source")
+    columns = "".join(f"{title:>9}" for title in _COUNTS.values())
+    print(f"{'job':<32}{'status':<11}{columns}  source")
     for job in jobs:
-        print(
-            f"{job['job_id']:<32}{job['status']:<9}{job['rows_out']:>9}{job['errors']:>8}  "
-            f"{job['source']}"
-        )
+        counts = "".join(f"{_count(job['counts'][key]):>9}" for key in _COUNTS)
+        print(f"{job['job_id']:<32}{job['status']:<11}{counts}  {job['source']}")
     return 0
 
 
 def cmd_jobs_show(args: argparse.Namespace) -> int:
-    report = open_catalog(load_settings()).job_report(args.job_id)
+    report = open_catalog(load_settings()).job_detail(args.job_id)
     if args.json:
         print(json.dumps(report, indent=2, default=str))
     else:

@@ -1,9 +1,10 @@
 """The `curate` command line: the parser of every command group, and `main`.
 
 Each command group lives in its own module: run, sets (seeds, eval-sets), jobs (jobs, sql), data
-(demo, export) and train; errors end every command the same way (errors). The command line
-reaches up the layers: `curate run` hands the job to `pipelines` (Ray), imported late so that
-`curate jobs` and `curate demo` start fast and need no Ray.
+(demo, export), train, serve (the REST service) and tokens (its API tokens); errors end every
+command the same way (errors). The command line reaches up the layers: `curate run` hands the
+job to `pipelines` (Ray), imported late so that `curate jobs` and `curate demo` start fast and
+need no Ray.
 """
 
 import argparse
@@ -14,7 +15,9 @@ from services.cli.data import add_demo_parser, add_export_parser
 from services.cli.errors import run_command
 from services.cli.jobs import add_jobs_parser, add_sql_parser
 from services.cli.run import add_run_parser
+from services.cli.serve import add_serve_parser
 from services.cli.sets import add_eval_sets_parser, add_seeds_parser
+from services.cli.tokens import add_tokens_parser
 from services.cli.train import add_train_parser
 
 
@@ -32,6 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_demo_parser(commands)
     add_train_parser(commands)
     add_sql_parser(commands)
+    add_serve_parser(commands)
+    add_tokens_parser(commands)
     return parser
 
 

@@ -1,18 +1,26 @@
-"""`curate run`: run or resume a curation job from flags, a recipe, or both.
+"""`curate run`: run or resume a curation job from flags, a recipe, a spec file, or several.
 
 The job goes to `pipelines` (Ray), imported only once the flags have been checked, so that a bad
 flag is reported without waiting for torch and Ray to load.
 """
 
 import argparse
+import signal
 import sys
+from pathlib import Path
 from typing import Any
 
+import yaml
+
 from curate.settings import Settings
+from schemas.errors import CurateError
 from schemas.job import STAGES, parse_job_spec
-from services.cli.common import load_settings
-from services.cli.errors import EXIT_FAILED
+from services.cli.common import load_settings, open_catalog
+from services.cli.errors import EXIT_FAILED, UsageError
 from services.cli.jobs import print_report
+
+# A job stopped by SIGTERM ends as shells report that signal.
+EXIT_CANCELLED = 128 + signal.SIGTERM
 
 
 def _given(**values: Any) -> dict[str, Any]:
@@ -58,14 +66,30 @@ def _names(text: str) -> list[str]:
     return [name.strip() for name in text.split(",") if name.strip()]
 
 
+def _spec_file(path: str) -> dict[str, Any]:
+    """A job spec from a JSON or YAML file (the service writes one per job)."""
+    try:
+        data = yaml.safe_load(Path(path).read_text())
+    except (OSError, yaml.YAMLError) as error:
+        raise UsageError(f"--spec-file {path}: {error}") from None
+    if not isinstance(data, dict):
+        raise UsageError(f"--spec-file {path} must hold a mapping of job-spec fields")
+    return data
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     settings = load_settings()
     from pipelines.recipes import load_recipe, merge
 
     recipe = load_recipe(args.recipe) if args.recipe else {}
-    spec = parse_job_spec(merge(recipe, _spec_from_args(args)))
+    if args.spec_file:
+        recipe = merge(recipe, _spec_file(args.spec_file))
+    fields = merge(recipe, _spec_from_args(args))
+    if "source" not in fields:
+        raise UsageError("--source is required (or a --spec-file that names one)")
+    spec = parse_job_spec(fields)
     # Imported only now: the stages bring torch and Ray, seconds a bad flag need not wait.
-    from pipelines.executor import StageFailed
+    from pipelines.executor import JobCancelled, StageFailed
     from pipelines.job import run_job
 
     try:
@@ -75,6 +99,16 @@ def cmd_run(args: argparse.Namespace) -> int:
         # usage error (its report in the catalog says where).
         print(f"curate: job failed: {error}", file=sys.stderr)
         return EXIT_FAILED
+    except JobCancelled as error:
+        print(f"curate: job {spec.job_id or ''} {error}", file=sys.stderr)
+        return EXIT_CANCELLED
+    except CurateError as error:
+        if args.spec_file and spec.job_id:
+            # The service recorded this job before starting its driver: say why it never ran.
+            catalog = open_catalog(settings)
+            if catalog.job_status(spec.job_id) in ("created", "running", "cancelling"):
+                catalog.set_job_status(spec.job_id, "failed", str(error))
+        raise
     print_report(report, sys.stdout)
     _print_next_steps(report, settings)
     return 0
@@ -98,7 +132,10 @@ def _print_next_steps(report: dict[str, Any], settings: Settings) -> None:
 
 def add_run_parser(commands: argparse._SubParsersAction) -> None:
     run = commands.add_parser("run", help="run or resume a curation job")
-    run.add_argument("--source", required=True, help="folder, glob, URL list, .tar or .parquet")
+    run.add_argument("--source", help="folder, glob, URL list, .tar or .parquet (required)")
+    run.add_argument(
+        "--spec-file", help="a whole job spec as JSON or YAML (flags given override its fields)"
+    )
     run.add_argument("--job", help="job id; re-running an existing id resumes it")
     run.add_argument("--until", choices=STAGES, help="last stage to run (default: all)")
     run.add_argument("--shard-size", type=int, help="source items per shard (default 1000)")
@@ -110,7 +147,7 @@ def add_run_parser(commands: argparse._SubParsersAction) -> None:
     run.add_argument("--eval-sets", help="registered eval sets to decontaminate against: a,b")
     run.add_argument("--hash", choices=["pca", "phash"], help="near-duplicate hash (default pca)")
     run.add_argument("--hamming-radius", type=int, help="near-duplicate Hamming radius")
-    run.add_argument("--copy-threshold", type=float, help="copy cosine threshold (default 0.6)")
+    run.add_argument("--copy-threshold", type=float, help="copy cosine (default: the model's own)")
     run.add_argument(
         "--copy-background", help="registered image set to normalise copy scores against (SSCD)"
     )

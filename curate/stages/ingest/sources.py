@@ -8,7 +8,7 @@ import glob
 import json
 import os
 import tarfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -18,6 +18,7 @@ import pyarrow.csv as pacsv
 import pyarrow.json as pajson
 import pyarrow.parquet as pq
 
+from curate.stages.ingest.confine import glob_base, read_confined, real_roots, within
 from curate.stages.ingest.decode import Rejected
 from schemas.errors import InputError
 from schemas.reasons import Reason
@@ -51,6 +52,8 @@ class SourcePart:
     path: str | None = None
     row_groups: tuple[int, ...] = ()
     image_column: str | None = None
+    # files parts: the resolved folders every item must resolve within (empty: no check)
+    boundary: tuple[str, ...] = ()
 
     @property
     def size(self) -> int | None:
@@ -67,10 +70,13 @@ class Source:
     url_column: str = "url"
     image_column: str | None = None
     skipped_files: int = 0  # non-image files in a folder source, reported in the stage metrics
+    # The resolved folders a listed file must resolve within (see confine.py); empty when the
+    # source names its one file itself.
+    boundary: tuple[str, ...] = ()
 
     def parts(self, shard_size: int) -> Iterator[SourcePart]:
         if self.kind == "files":
-            yield from _file_parts(self.files, shard_size)
+            yield from _file_parts(self.files, shard_size, self.boundary)
         elif self.kind == "urls":
             yield from _url_parts(self.files, self.url_column, shard_size)
         elif self.kind == "tar":
@@ -93,14 +99,24 @@ class Source:
 # -- detection ----------------------------------------------------------------------------------
 
 
-def detect_source(source: str, url_column: str = "url") -> Source:
-    """Work out what `source` is: a folder, a glob, URL lists, WebDataset tars or Parquet."""
+def detect_source(
+    source: str, url_column: str = "url", roots: Sequence[Path | str] | None = None
+) -> Source:
+    """Work out what `source` is: a folder, a glob, URL lists, WebDataset tars or Parquet.
+
+    Files found by walking a folder or matching a glob must resolve within the source folder (the
+    glob's fixed part), or within `roots` when given: an image file whose symlink leads elsewhere
+    becomes an `outside_root` error row at ingest, never read; a .tar, .parquet or URL list that
+    does is refused here. A file the source names itself is read as named, unless `roots` are
+    given and it lies outside them.
+    """
     if source.startswith(("http://", "https://")):
         raise SourceError(
             f"{source!r} is a single URL; put URLs in a .txt (one per line) or a "
             ".csv/.tsv/.jsonl/.parquet file with a 'url' column and pass that file"
         )
-    if glob.has_magic(source):
+    listed = glob.has_magic(source)
+    if listed:
         matches = sorted(Path(p) for p in glob.glob(source, recursive=True))
         if not matches:
             raise SourceError(f"source glob {source!r} matches nothing")
@@ -109,6 +125,12 @@ def detect_source(source: str, url_column: str = "url") -> Source:
         if not path.exists():
             raise SourceError(f"source {source!r} does not exist")
         matches = [path]
+        listed = path.is_dir()
+    boundary: tuple[str, ...] = ()
+    if roots:
+        boundary = real_roots(roots)
+    elif listed:
+        boundary = real_roots([glob_base(source)])
     files: list[Path] = []
     skipped = 0
     for match in matches:
@@ -118,14 +140,22 @@ def detect_source(source: str, url_column: str = "url") -> Source:
             skipped += skipped_here
         elif match.is_file():
             files.append(match)
+    outside = {path for path in files if boundary and not within(os.path.realpath(path), boundary)}
     for path in files:
-        if not os.access(path, os.R_OK):
+        if path not in outside and not os.access(path, os.R_OK):
             raise SourceError(f"source file {path} is not readable")
     suffixes = {p.suffix.lower() for p in files}
     if not files:
         raise SourceError(f"source {source!r} holds no image, URL-list, .tar or .parquet files")
     if suffixes <= IMAGE_EXTENSIONS:
-        return Source("files", files, f"{len(files)} image files", skipped_files=skipped)
+        description = f"{len(files)} image files"
+        return Source("files", files, description, skipped_files=skipped, boundary=boundary)
+    if outside:
+        # A shard or a URL list is the source itself, not an item that can fail alone.
+        raise SourceError(
+            f"source file {min(outside)} is a symlink that leads outside "
+            f"{'the allowed roots' if roots else 'the source folder'}"
+        )
     if any(m.is_dir() for m in matches):
         # A folder's non-image files were already set aside; mixed kinds only come from globs.
         raise SourceError(f"source {source!r} mixes folders with other files")
@@ -279,10 +309,13 @@ def _metadata_json(row: dict[str, Any]) -> str:
 # -- local files --------------------------------------------------------------------------------
 
 
-def _file_parts(files: list[Path], shard_size: int) -> Iterator[SourcePart]:
+def _file_parts(
+    files: list[Path], shard_size: int, boundary: tuple[str, ...]
+) -> Iterator[SourcePart]:
     for index, start in enumerate(range(0, len(files), shard_size)):
-        paths = tuple(str(p.resolve()) for p in files[start : start + shard_size])
-        yield SourcePart(index=index, kind="files", items=paths)
+        # Absolute but never resolved: an item's uri is the path the source lists.
+        paths = tuple(str(p.absolute()) for p in files[start : start + shard_size])
+        yield SourcePart(index=index, kind="files", items=paths, boundary=boundary)
 
 
 # -- Parquet image shards -----------------------------------------------------------------------
@@ -332,12 +365,7 @@ def read_local_items(part: SourcePart) -> Iterator[Item]:
     """The items of a files, tar or parquet part, in source order."""
     if part.kind == "files":
         for path in part.items:
-            try:
-                with open(path, "rb") as handle:
-                    data: bytes | Rejected = handle.read()
-            except OSError as error:
-                data = Rejected(Reason.READ_ERROR, f"{type(error).__name__}: {error}")
-            yield path, "{}", data
+            yield path, "{}", read_confined(path, part.boundary)
     elif part.kind == "tar":
         yield from _tar_items(part.path or "")
     elif part.kind == "parquet":

@@ -70,7 +70,10 @@ class RetrieveStage(Stage):
         ingest = {
             s.name: {str(part): str(path) for part, path in s.ingest.items()} for s in seed_sets
         }
-        pin_seed_sets(job.stage_dir(self.name), {"seed_sets": described, "ingest": ingest})
+        # The embed shards too: browsing places each seed image among the job's clusters.
+        embed = {s.name: [str(path) for path in s.embed] for s in seed_sets}
+        pin = {"seed_sets": described, "ingest": ingest, "embed": embed}
+        pin_seed_sets(job.stage_dir(self.name), pin)
         plan.metrics["seed_sets"] = described
         if _has_policy(seed_sets, "knn"):
             plan.metrics["index"] = job.compute.task(
