@@ -174,7 +174,8 @@ class TokenInfo(BaseModel):
 class SessionRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    token: str = Field(min_length=1, max_length=512)
+    # Printable ASCII: what `curate tokens create` makes, and what a cookie can carry.
+    token: str = Field(min_length=1, max_length=512, pattern=r"^[!-~]+$")
 
 
 class Health(BaseModel):
