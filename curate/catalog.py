@@ -6,6 +6,7 @@ That way a CLI run and the service can share one catalog. Only drivers call this
 """
 
 import json
+import os
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
@@ -106,6 +107,18 @@ class Catalog(JobReports, ServiceRecords):
             raise
         finally:
             con.close()
+
+    def stamp(self) -> tuple:
+        """Changes whenever the catalog file or its write-ahead log is written: readers that
+        cache what they read (the service's tokens and browse indexes) compare it, for free."""
+        stamp = []
+        for file in (self.path, Path(f"{self.path}.wal")):
+            try:
+                stat = os.stat(file)
+                stamp.append((stat.st_mtime_ns, stat.st_size))
+            except FileNotFoundError:
+                stamp.append(None)
+        return tuple(stamp)
 
     def relative(self, path: Path) -> str:
         path = Path(path).resolve()

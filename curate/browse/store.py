@@ -10,7 +10,6 @@ has ended.
 """
 
 import hashlib
-import os
 import threading
 import time
 from dataclasses import dataclass, field
@@ -55,18 +54,6 @@ class _Job:
     locations: list[tuple[str, Path, Path]] | None = None
     locations_error: DataError | None = None
     lock: threading.Lock = field(default_factory=threading.Lock)
-
-
-def _stamp(path: Path) -> tuple:
-    """Changes whenever the catalog file or its write-ahead log is written."""
-    stamp = []
-    for file in (path, Path(f"{path}.wal")):
-        try:
-            stat = os.stat(file)
-            stamp.append((stat.st_mtime_ns, stat.st_size))
-        except FileNotFoundError:
-            stamp.append(None)
-    return tuple(stamp)
 
 
 class Browser:
@@ -115,7 +102,7 @@ class Browser:
         """The job's entry, its inputs re-read when the catalog changed since (raises
         JobNotFound for an unknown id): at most every `recheck_s` for a job at work, every
         `settled_s` for one that has ended (what changes it then is a resume or a delete)."""
-        now, stamp = time.monotonic(), _stamp(self.catalog.path)
+        now, stamp = time.monotonic(), self.catalog.stamp()
         with self._lock:
             job = self._jobs.get(job_id)
             # A deleted job's folder goes with it: then no answer from the cached entry.
@@ -194,7 +181,7 @@ class Browser:
     def _candidate_jobs(self) -> list[str]:
         """Jobs that may hold an image: the ended ones newest first, then those at work (whose
         location indexes grow with every part); re-read like a job's inputs."""
-        now, stamp = time.monotonic(), _stamp(self.catalog.path)
+        now, stamp = time.monotonic(), self.catalog.stamp()
         with self._lock:
             cached = self._job_ids
             stale = cached is None or (cached[0] != stamp and now - cached[1] >= self.recheck_s)

@@ -7,9 +7,7 @@ reads need a `read` or `write` token, anything else a `write` token. `require_re
 (`curate serve --no-auth`) every request passes.
 """
 
-import os
 import threading
-from pathlib import Path
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Request, Response, status
@@ -46,18 +44,6 @@ class Forbidden(AuthError):
     code = "forbidden"
 
 
-def _stamp(path: Path) -> tuple:
-    """Changes whenever the catalog file or its write-ahead log is written."""
-    stamp = []
-    for file in (path, Path(f"{path}.wal")):
-        try:
-            stat = os.stat(file)
-            stamp.append((stat.st_mtime_ns, stat.st_size))
-        except FileNotFoundError:
-            stamp.append(None)
-    return tuple(stamp)
-
-
 class TokenCache:
     """Token look-ups, kept while the catalog file is unchanged: opening the catalog costs
     ~15 ms, and a request should not pay it twice. Any write to the catalog (a revocation
@@ -73,7 +59,7 @@ class TokenCache:
 
     def lookup(self, secret: str) -> dict[str, Any] | None:
         key = token_sha256(secret)
-        stamp = _stamp(self.catalog.path)  # before the read: a later write empties the cache
+        stamp = self.catalog.stamp()  # before the read: a later write empties the cache
         with self._lock:
             if stamp != self._stamp or len(self._tokens) > self._MAX:
                 self._tokens.clear()
