@@ -9,6 +9,7 @@ wait on the file lock in `Catalog._connect`).
 """
 
 import hashlib
+import os
 import secrets
 import time
 from collections.abc import Callable, Sequence
@@ -19,6 +20,7 @@ from typing import Any, TypeVar
 
 import duckdb
 
+from curate.core import atomic
 from curate.core.sql import path_list, quote_name
 from schemas.errors import ConflictError, InternalError, NotFoundError
 from schemas.job import JobSpec, StageName
@@ -104,6 +106,22 @@ class ServiceRecords:
 
     # -- API tokens -------------------------------------------------------------------------
 
+    def _tokens_file(self) -> Path:
+        return Path(f"{self.path}.tokens")
+
+    def tokens_stamp(self) -> tuple | None:
+        """Changes whenever a token is created or revoked (and only then): a cache of token
+        look-ups compares it, so a job committing parts does not empty that cache."""
+        try:
+            stat = os.stat(self._tokens_file())
+        except FileNotFoundError:
+            return None
+        return stat.st_mtime_ns, stat.st_size, stat.st_ino
+
+    def _tokens_changed(self) -> None:
+        # A new file each time (a fresh inode): the stamp changes even within one clock tick.
+        atomic.write_text(self._tokens_file(), secrets.token_hex(8))
+
     def create_token(self, scope: str, name: str | None = None) -> tuple[dict[str, Any], str]:
         """A new token: its record and its secret, which is kept nowhere (only its sha256)."""
         assert scope in SCOPES, scope
@@ -118,6 +136,7 @@ class ServiceRecords:
             )
 
         self._write(insert)
+        self._tokens_changed()
         return _token((token_id, name, scope, now, None)), secret
 
     def tokens(self) -> list[dict[str, Any]]:
@@ -143,7 +162,9 @@ class ServiceRecords:
                 raise TokenNotFound(f"no token {token_id!r}; `curate tokens list` shows them")
             return _token(row)
 
-        return self._write(revoke)
+        token = self._write(revoke)
+        self._tokens_changed()
+        return token
 
     def token_for(self, secret: str) -> dict[str, Any] | None:
         """The live (unrevoked) token whose secret this is, or None."""

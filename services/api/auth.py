@@ -45,9 +45,10 @@ class Forbidden(AuthError):
 
 
 class TokenCache:
-    """Token look-ups, kept while the catalog file is unchanged: opening the catalog costs
-    ~15 ms, and a request should not pay it twice. Any write to the catalog (a revocation
-    among them) empties the cache, so a revoked token is refused on its next request."""
+    """Token look-ups, kept until a token is created or revoked: opening the catalog costs
+    ~15 ms, and a request should not pay it twice. Creating or revoking a token (in any
+    process: `curate tokens revoke` too) changes the catalog's tokens stamp, which empties the
+    cache, so a revoked token is refused on its next request; a job committing parts does not."""
 
     _MAX = 1024
 
@@ -59,7 +60,8 @@ class TokenCache:
 
     def lookup(self, secret: str) -> dict[str, Any] | None:
         key = token_sha256(secret)
-        stamp = self.catalog.stamp()  # before the read: a later write empties the cache
+        # Before the read: a token change after it empties the cache.
+        stamp = self.catalog.tokens_stamp()
         with self._lock:
             if stamp != self._stamp or len(self._tokens) > self._MAX:
                 self._tokens.clear()
