@@ -24,6 +24,7 @@ from typing import Any
 import ray
 from tqdm import tqdm
 
+from curate.core.atomic import remove_leftovers
 from curate.core.shards import PartResult
 from curate.core.stage import JobRun, Part, PartWork, Stage, Worker
 from curate.settings import Settings
@@ -354,6 +355,9 @@ def run_stage(stage: Stage, job: JobRun) -> None:
         try:
             plan = stage.plan(job)
             catalog.start_stage(job.job_id, name, plan.total)
+            # A run killed mid-write leaves hidden temporary files; this driver alone runs the
+            # stage now, so whatever is there is garbage.
+            remove_leftovers(job.stage_dir(name))
             total = plan.total
             stage.prepare(job, plan)
             if plan.total != total:  # prepare counted the parts (the curated stage's buckets)

@@ -43,6 +43,18 @@ def atomic_path(path: Path) -> Iterator[Path]:
         tmp.unlink(missing_ok=True)
 
 
+def remove_leftovers(folder: Path) -> int:
+    """Delete the temporary files killed writers left under `folder`; returns how many.
+
+    Only for a folder no writer can be using: a stage's folder when its one driver starts it.
+    """
+    removed = 0
+    for tmp in Path(folder).rglob(".*.tmp"):
+        tmp.unlink(missing_ok=True)
+        removed += 1
+    return removed
+
+
 def write_bytes(path: Path, data: bytes) -> None:
     with atomic_path(path) as tmp:
         tmp.write_bytes(data)

@@ -33,3 +33,17 @@ def test_a_failed_write_keeps_the_old_file_and_removes_the_temporary(tmp_path):
 def test_temporary_names_never_collide(tmp_path):
     names = {atomic.temporary_name(tmp_path / "part-000000.parquet") for _ in range(100)}
     assert len(names) == 100
+
+
+def test_leftovers_of_killed_writers_are_removed_and_nothing_else(tmp_path):
+    stage = tmp_path / "dedup"
+    (stage / "errors").mkdir(parents=True)
+    keep = [stage / "part-000000.parquet", stage / ".seed_sets.json", stage / "errors" / "x.tmp"]
+    for path in keep:
+        path.write_bytes(b"kept")
+    left = [atomic.temporary_name(stage / "part-000004.parquet")]
+    left.append(atomic.temporary_name(stage / "errors" / "part-000004.parquet"))
+    for path in left:
+        path.write_bytes(b"half")
+    assert atomic.remove_leftovers(stage) == 2
+    assert not any(path.exists() for path in left) and all(path.exists() for path in keep)
