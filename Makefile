@@ -26,12 +26,25 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet --editable '.[dev]'
 	touch $@
 
+# The demo's copy model: trained on the demo crawl for COPY_MINUTES (a couple of minutes on a
+# 2-core CPU), cached under COPY_MODELS by the crawl's content and the settings, so a second
+# `make curate` reuses it. The eval set is edited copies of a few crawl originals, so that all
+# four dedup passes (exact, hash, copies, eval-set copies) have something to find.
+COPY_MODELS ?= $(CURATE_DATA_ROOT)/copy-models
+COPY_MINUTES ?= 2
+DEMO_COPY_WEIGHTS := $(COPY_MODELS)/demo.safetensors
+
 curate: $(STAMP)
 ifeq ($(SOURCE),)
 	$(BIN)/curate demo $(DEMO_DIR)
 	$(BIN)/curate seeds add demo $(DEMO_DIR)/seeds/demo --policy $(DEMO_POLICY)
-	$(BIN)/curate run --recipe $(or $(RECIPE),demo) --source $(DEMO_DIR)/crawl \
-		--seeds $(or $(SEEDS),demo) --job $(or $(JOB),demo)
+	$(BIN)/curate copy-model demo-eval $(DEMO_DIR) $(DEMO_DIR)/eval
+	$(BIN)/curate eval-sets add demo-eval $(DEMO_DIR)/eval
+	$(BIN)/curate copy-model train $(DEMO_DIR)/crawl --out $(COPY_MODELS) \
+		--minutes $(COPY_MINUTES) --export $(DEMO_COPY_WEIGHTS)
+	CURATE_COPY_WEIGHTS=$(DEMO_COPY_WEIGHTS) $(BIN)/curate run --recipe $(or $(RECIPE),demo) \
+		--source $(DEMO_DIR)/crawl --seeds $(or $(SEEDS),demo) --eval-sets demo-eval \
+		--job $(or $(JOB),demo)
 else
 	$(BIN)/curate run --source '$(SOURCE)' $(if $(SEEDS),--seeds $(SEEDS)) \
 		$(if $(RECIPE),--recipe $(RECIPE)) $(if $(JOB),--job $(JOB))
@@ -74,7 +87,9 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
+# copybench trains its copy model for 30 minutes the first time (cached under bench/work/).
 bench: $(STAMP)
+	$(BIN)/python bench/copybench/run.py
 	$(BIN)/python bench/ingest.py
 	$(BIN)/python bench/dedup.py
 	$(BIN)/python bench/embed.py

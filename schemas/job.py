@@ -78,16 +78,27 @@ class DedupOptions(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     hash: Literal["pca", "phash"] = Field("pca", description="PCA hash, or imagededup's PHash")
-    hash_bits: Literal[64, 128] = 64
+    hash_bits: Literal[64, 128] = Field(128, description="PCA-hash code length")
     hamming_radius: int | None = Field(
         None, ge=0, le=32, description="near-duplicate radius (default: the hash's own)"
+    )
+    # 6 is the most the exact multi-index tables cover on one 64-bit word.
+    word_radius: int | None = Field(
+        None, ge=0, le=6, description="128-bit codes: candidate radius on each 64-bit word"
     )
     itq_iterations: int = Field(50, ge=0, description="ITQ rotation steps after PCA (0: none)")
     pca_sample: int = Field(100_000, ge=100, description="images the PCA basis is fitted on")
     copy_k: int = Field(64, ge=1, le=2048, description="neighbours searched per image")
+    # Cosines mean something only for the model they were measured on: unset, a job runs at its
+    # copy model's calibrated operating points (curate copy-model train writes them into the
+    # model file), or at DINOv2's 0.6 / 0.45 for a model without calibration (published SSCD).
     # Normalised scores (with copy_background) sit around 0, so the threshold may be negative.
-    copy_threshold: float = Field(0.6, gt=-1, lt=1, description="cosine above which a copy")
-    eval_threshold: float = Field(0.45, gt=0, lt=1, description="cosine to an eval image")
+    copy_threshold: float | None = Field(
+        None, gt=-1, lt=1, description="cosine above which a copy (default: the model's own)"
+    )
+    eval_threshold: float | None = Field(
+        None, gt=0, lt=1, description="cosine to an eval image (default: the model's own)"
+    )
     copy_batch_size: int = Field(32, ge=1)
     copy_background: str | None = Field(
         None,
@@ -95,6 +106,16 @@ class DedupOptions(BaseModel):
         description="a registered image set for SSCD score normalisation (eval-sets add)",
     )
     background_beta: float = Field(1.0, gt=0, description="SSCD normalisation weight")
+
+    @model_validator(mode="after")
+    def _normalised_threshold(self) -> "DedupOptions":
+        # A model's calibrated point is a raw cosine; normalised scores sit around 0.
+        if self.copy_background is not None and self.copy_threshold is None:
+            raise ValueError(
+                "copy_threshold: copy_background normalises the scores (they sit around 0), so "
+                "give the threshold for them; a model's calibrated point is a raw cosine"
+            )
+        return self
 
 
 class EmbedOptions(BaseModel):

@@ -11,6 +11,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+from services.cli.copy_model import add_copy_model_parser
 from services.cli.data import add_demo_parser, add_export_parser
 from services.cli.errors import run_command
 from services.cli.jobs import add_jobs_parser, add_sql_parser
@@ -34,6 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_jobs_parser(commands)
     add_demo_parser(commands)
     add_train_parser(commands)
+    add_copy_model_parser(commands)
     add_sql_parser(commands)
     add_serve_parser(commands)
     add_tokens_parser(commands)

@@ -174,8 +174,10 @@ def features_job(tmp_path_factory) -> dict:
     n = 400
     hash_features = _unit(rng.standard_normal((n, DIM)))
     descriptors = _unit(rng.standard_normal((n, 512)))
-    for target in range(300, 330):  # near duplicates of images 0..29: same hash, same copy
-        hash_features[target] = _unit(hash_features[target - 300] + 0.02 * rng.standard_normal(DIM))
+    # Near duplicates of images 0..29: same hash, same copy. 7 degrees from their original (13
+    # with 0.02, when the hash was 64 bits at radius 5: a 128-bit code within 16 sees 7 surely).
+    for target in range(300, 330):
+        hash_features[target] = _unit(hash_features[target - 300] + 0.01 * rng.standard_normal(DIM))
         descriptors[target] = _unit(descriptors[target - 300] + 0.01 * rng.standard_normal(512))
     for target in range(330, 350):  # copies of images 40..59 the hash cannot see
         descriptors[target] = _unit(descriptors[target - 290] + 0.03 * rng.standard_normal(512))
@@ -220,9 +222,9 @@ def _write_job(job: dict, shards: int, name: str) -> tuple[list, list]:
     return ingest_paths, feature_paths
 
 
-def _decided(job: dict, shards: int, name: str, **kwargs) -> Decisions:
+def _decided(job: dict, shards: int, name: str, pca_sample: int = 150, **kwargs) -> Decisions:
     ingest, features = _write_job(job, shards, name)
-    options = DedupOptions(pca_sample=150, copy_k=16)
+    options = DedupOptions(pca_sample=pca_sample, copy_k=16)
     return decide(ingest, features, options, [], job["root"] / name / "dedup", **kwargs)
 
 
@@ -258,10 +260,14 @@ def test_decisions_stream_shard_by_shard_to_the_same_result(features_job, tmp_pa
 
 
 def test_streamed_hash_codes_equal_a_fit_on_all_features(features_job):
-    decisions = _decided(features_job, 5, "five")
+    # A sample of 300 of the 400 images: enough for 128 axes (150 gets the DCT-sign basis).
+    decisions = _decided(features_job, 5, "five", pca_sample=300)
     basis = PCAHasher.load(features_job["root"] / "five" / "dedup" / "pca_hash.npz")
     # The same basis as one fit on the whole feature matrix, sampled by the same seed.
-    reference = PCAHasher.fit(features_job["hash_features"], sample_size=150, seed=0)
+    options = DedupOptions()
+    reference = PCAHasher.fit(
+        features_job["hash_features"], bits=options.hash_bits, sample_size=300, seed=0
+    )
     for name in ("mean", "components", "rotation"):
         np.testing.assert_array_equal(getattr(basis, name), getattr(reference, name))
     assert decisions.metrics["hash_pairs"] == 30

@@ -102,6 +102,7 @@ def dataset_stats(
         "stages": stages,
         "seed_sets": metrics.get(StageName.RETRIEVE, {}).get("seed_sets", []),
         "embed_model": metrics.get(StageName.EMBED, {}).get("model"),
+        "copy_model": _copy_model(metrics.get(StageName.DEDUP, {})),
         "random_weights": bool(metrics.get(StageName.EMBED, {}).get("random_weights")),
         "collisions": selection.get("collisions")
         or metrics.get(StageName.RETRIEVE, {}).get("collisions"),
@@ -109,6 +110,33 @@ def dataset_stats(
         "curated": curated_stats,
         "clusters": cluster_stats,
     }
+
+
+def _copy_model(dedup: dict[str, Any]) -> dict[str, Any]:
+    """The dedup stage's copy model and the thresholds it ran at (with where each came from)."""
+    keys = ("copy_threshold", "copy_threshold_source", "eval_threshold", "eval_threshold_source")
+    return {**(dedup.get("copy_model") or {}), **{k: dedup[k] for k in keys if k in dedup}}
+
+
+def _copy_model_text(copy_model: dict[str, Any]) -> str:
+    if not copy_model.get("summary"):
+        return "copy detection was skipped (no copy-descriptor weights)"
+    text = f"copy model: {copy_model['summary']}"
+    if "copy_threshold" in copy_model:
+        text += (
+            f"; copies above cosine {copy_model['copy_threshold']:.2f} "
+            f"({copy_model['copy_threshold_source']}), eval-set copies above "
+            f"{copy_model['eval_threshold']:.2f} ({copy_model['eval_threshold_source']})"
+        )
+    calibration = copy_model.get("calibration") or {}
+    if calibration:
+        at = calibration.get("at_copy_threshold", {})
+        text += (
+            f"; calibrated on {calibration.get('set')}: pair precision "
+            f"{at.get('pair_precision', 0):.3f}, easy-edit recall {at.get('easy_recall', 0):.3f}, "
+            f"hard-geometric recall {at.get('hard_geometric_recall', 0):.3f} there"
+        )
+    return text
 
 
 def _table(header: list[str], rows: list[list[Any]]) -> str:
@@ -213,7 +241,7 @@ with a self-supervised ViT, clustered, and retrieved for their resemblance to cu
 
 1. **ingest**: every source item fetched, decoded and validated; identity = SHA-256 of the bytes.
 2. **dedup**: exact duplicates, PCA-hash near duplicates, SSCD-style copies and copies of
-   evaluation sets removed.
+   evaluation sets removed; {_copy_model_text(stats.get("copy_model") or {})}.
 3. **embed**: L2-normalised embeddings of every kept image ({arch}).
 4. **cluster**: spherical k-means of the crawl's embeddings.
 5. **retrieve**: per seed set, its policy: `as-is` (the seed images themselves), `knn:K` (the K

@@ -1,8 +1,10 @@
 """SSCD-style copy descriptors (Pizzi et al., CVPR 2022): model, weights, preprocessing, inference.
 
 The descriptor is a ResNet trunk, GeM pooling (p = 3), a linear projection to 512 dimensions and
-L2 normalisation, so cosine similarity is a dot product. Two descriptors above ~0.6 cosine are
-treated as copies (DINOv2's LVD-142M setting); the kNN graph over them lives in `knn_graph`.
+L2 normalisation, so cosine similarity is a dot product. Two descriptors above a threshold are
+treated as copies: the model's calibrated point when its file has one (`model_card`), DINOv2's
+0.6 for a published SSCD file; the kNN graph over them lives in `knn_graph`. Models trained here
+(`curate.copy_model`) are SSCDNets saved as safetensors with their card in the metadata.
 """
 
 import logging
@@ -21,6 +23,7 @@ from torchvision.transforms import v2
 
 from curate.core.devices import pick_device
 from curate.core.weights import WRAPPER_PREFIXES, is_torchscript, read_state_dict, strip_wrappers
+from curate.stages.dedup.model_card import DEFAULT_INPUT_SIZE, ModelCard
 from schemas.errors import ModelError
 
 log = logging.getLogger(__name__)
@@ -28,7 +31,7 @@ log = logging.getLogger(__name__)
 WEIGHTS_SETTING = "CURATE_COPY_WEIGHTS"
 DESCRIPTOR_DIM = 512
 SHORT_SIDE = 288  # SSCD's recommended inference size when aspect ratio is kept
-FIXED_SIZE = 320  # SSCD's square size: skews the image, but batches on a GPU
+FIXED_SIZE = DEFAULT_INPUT_SIZE  # SSCD's square size: skews the image, but batches on a GPU
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -90,6 +93,22 @@ class SSCDNet(nn.Module):
         return F.normalize(self.projection(self.pool(self.trunk(x))), dim=-1)
 
 
+class FlipInvariant(nn.Module):
+    """A descriptor made blind to mirroring: normalise(f(x) + f(mirror(x))).
+
+    A model trained for minutes on a CPU learns crops and colour well before it learns that a
+    mirrored picture is the same picture; summing both orientations makes that exact, for
+    twice the inference cost. Files store the wrapped model; their card says to wrap it.
+    """
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.model(x) + self.model(x.flip(-1)), dim=-1)
+
+
 def _warn(message: str) -> None:
     log.warning(message)
     warnings.warn(message, RuntimeWarning, stacklevel=3)
@@ -137,9 +156,13 @@ def _canonical_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 def _load_state_dict(path: Path, device: str) -> nn.Module:
     checkpoint = read_state_dict(path, what="copy-descriptor weights", error=CopyWeightsError)
+    card = ModelCard.from_metadata(checkpoint.metadata)
     state = _canonical_keys(checkpoint.state)
     projection = state.get("projection.weight")
     trunk = "resnet18" if projection is not None and projection.shape[1] == 512 else "resnet50"
+    trunk = card.arch or trunk
+    if trunk not in _TRUNKS:
+        raise CopyWeightsError(f"{path}: unknown trunk {trunk!r}; known: {sorted(_TRUNKS)}")
     dim = projection.shape[0] if projection is not None else DESCRIPTOR_DIM
     model = SSCDNet(trunk=trunk, dim=dim)
     result = model.load_state_dict(state, strict=False)
@@ -148,7 +171,7 @@ def _load_state_dict(path: Path, device: str) -> nn.Module:
             f"{path} does not fit SSCDNet({trunk!r}): missing keys {result.missing_keys}, "
             f"unexpected keys {result.unexpected_keys}"
         )
-    return model.to(device)
+    return (FlipInvariant(model) if card.flip_invariant else model).to(device)
 
 
 def load_copy_descriptor(

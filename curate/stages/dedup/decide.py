@@ -5,7 +5,7 @@ evaluation images; each removed image names what it duplicates.
 One task decides for the whole job (groups span shards), so it never holds the job's vectors:
 the feature shards are streamed one at a time, the hash pass keeps 8-16 bytes of code per image
 (the PCA basis is fitted on a seeded sample of `pca_sample` images), and the copy pass reads
-the survivors' float16 descriptors into a memory-mapped scratch file that the kNN graph reads
+every image's float16 descriptor into a memory-mapped scratch file that the kNN graph reads
 block by block. What remains per image is its id, area and decision. The two searches can fan
 out (`map_tables`, `map_slices`): the multi-index tables and the query slices are independent
 units, and the decisions do not depend on how they are run.
@@ -26,8 +26,9 @@ from curate.core.shards import PartResult, ShardRef, shard_name, write_shard
 from curate.stages.dedup.features import list_matrix
 from curate.stages.dedup.grouping import connected_components, representatives
 from curate.stages.dedup.knn_graph import MapSlices, contamination, copy_edges
+from curate.stages.dedup.model_card import ModelCard, Thresholds, resolve_thresholds
 from curate.stages.dedup.pca_hash.basis import PCAHasher
-from curate.stages.dedup.pca_hash.search import HAMMING_RADIUS, PHASH_RADIUS, near_duplicate_pairs
+from curate.stages.dedup.pca_hash.search import near_duplicate_pairs, search_radii
 from curate.stages.dedup.pca_hash.tables import MapTables
 from schemas.job import DedupOptions
 from schemas.shards import DEDUP, DEDUP_FEATURES
@@ -153,7 +154,9 @@ def _fitted_hasher(
     and so the same basis as `PCAHasher.fit` on the whole feature matrix in source order."""
     n = images.table.num_rows
     bits = options.hash_bits
-    if n <= 2 * bits:
+    # Estimating `bits` whitened principal axes needs a sample well above `bits`: from fewer,
+    # the last axes are noise that whitening blows up to a full say in every bit.
+    if min(n, options.pca_sample) <= 2 * bits:
         return PCAHasher.dct_signs(dim, bits)
     sample = np.arange(n)
     if n > options.pca_sample:
@@ -194,17 +197,17 @@ def _hash_codes(
     return codes
 
 
-def _survivor_descriptors(
-    feature_shards: list[Path], images: _Images, survivors: np.ndarray, scratch: Path | None
+def _copy_descriptors(
+    feature_shards: list[Path], images: _Images, wanted: np.ndarray, scratch: Path | None
 ) -> np.ndarray:
-    """Copy descriptors of the images the hash pass kept, float16 [len(survivors), D], in an
-    unnamed file mapped into memory: the kNN graph reads it block by block, so the task's memory
-    holds the index, not 1 KiB an image; a killed task leaves no file behind."""
-    vectors = _vectors_by_shard(feature_shards, images, survivors, "copy_descriptor", np.float16)
+    """Copy descriptors of images `wanted`, float16 [len(wanted), D], in an unnamed file mapped
+    into memory: the kNN graph reads it block by block, so the task's memory holds the index,
+    not 1 KiB an image; a killed task leaves no file behind."""
+    vectors = _vectors_by_shard(feature_shards, images, wanted, "copy_descriptor", np.float16)
     descriptors: np.ndarray | None = None
     for k, block in vectors:
         if descriptors is None:
-            shape = (len(survivors), block.shape[1])
+            shape = (len(wanted), block.shape[1])
             if scratch is None:
                 descriptors = np.empty(shape, np.float16)
             else:
@@ -212,14 +215,23 @@ def _survivor_descriptors(
                 backing = tempfile.TemporaryFile(dir=scratch)
                 descriptors = np.memmap(backing, dtype=np.float16, mode="w+", shape=shape)
         descriptors[k] = block
-    assert descriptors is not None, "survivors exist, so some shard holds their descriptors"
+    assert descriptors is not None, "images are wanted, so some shard holds their descriptors"
     return descriptors
 
 
-def _radius(options: DedupOptions) -> int:
-    if options.hamming_radius is not None:
-        return options.hamming_radius
-    return PHASH_RADIUS if options.hash == "phash" else HAMMING_RADIUS
+def copy_groups(
+    group: np.ndarray, left: np.ndarray, right: np.ndarray, area: np.ndarray, order: np.ndarray
+) -> np.ndarray:
+    """Each image's representative once copy edges join hash groups: `group` holds each image's
+    hash-group representative, (left, right) copy edges between any two images. A hash group is
+    one picture in several files, so two pictures are copies when a file of one is a copy of a
+    file of the other; the joined group keeps its largest representative."""
+    joined = connected_components(len(group), group[left], group[right])
+    kept = np.flatnonzero(group == np.arange(len(group)))
+    local = representatives(joined[kept], area[kept], order[kept])
+    final = group.copy()
+    final[kept] = kept[local]
+    return final[final]  # hash duplicates follow their representative into its new group
 
 
 def _hamming(codes: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -243,17 +255,22 @@ def decide(
     map_tables: MapTables | None = None,
     map_slices: MapSlices | None = None,
     slice_rows: int | None = None,
+    thresholds: Thresholds | None = None,
 ) -> Decisions:
     """Every dedup decision of a job, streaming its feature shards.
 
-    scratch: a local folder for the survivors' descriptors as a memory-mapped file (None: in
+    scratch: a local folder for the copy descriptors as a memory-mapped file (None: in
     memory). copy_background: descriptors of unrelated images; when given, copy edges are
     SSCD-normalised against them (cosine minus the pair's background level) and
-    `options.copy_threshold` applies to the normalised score. map_tables: how the PCA-hash
+    the copy threshold applies to the normalised score. map_tables: how the PCA-hash
     search runs its independent multi-index tables (`near_duplicate_pairs`); map_slices,
     slice_rows: how the copy graph's query slices are searched (`copy_edges`): e.g. as Ray
-    tasks. Neither changes a decision.
+    tasks. Neither changes a decision. thresholds: the copy and eval-set cosines, resolved from
+    the options and the copy model's card (`model_card.resolve_thresholds`); None: the options',
+    DINOv2's where they leave one unset.
     """
+    if thresholds is None:
+        thresholds = resolve_thresholds(options.copy_threshold, options.eval_threshold, ModelCard())
     images = _distinct_images(feature_shards)
     n = images.table.num_rows
     ids = np.asarray(images.table.column("image_id").to_pylist(), dtype=object)
@@ -268,7 +285,10 @@ def decide(
     if n:
         # Pass 1: near duplicates, by Hamming distance between hash codes.
         codes = _hash_codes(feature_shards, images, options, out_dir)
-        left, right, _ = near_duplicate_pairs(codes, _radius(options), map_tables=map_tables)
+        radius, word_radius = search_radii(options)
+        left, right, _ = near_duplicate_pairs(
+            codes, radius, map_tables=map_tables, word_radius=word_radius
+        )
         group = representatives(connected_components(n, left, right), area, order)
         hashed = group != order
         reason[hashed] = "pca_hash"
@@ -280,41 +300,40 @@ def decide(
     if not (n and _has_descriptors(feature_shards)):
         metrics["copy_detection"] = "skipped: no copy-descriptor weights"
     else:
-        # Pass 2: copies among what the hash kept, by cosine between copy descriptors.
-        survivors = np.flatnonzero(_unset(reason))
-        descriptors = _survivor_descriptors(feature_shards, images, survivors, scratch)
-        rank = np.full(n, -1, np.int64)  # image -> its row in `descriptors`
-        rank[survivors] = np.arange(survivors.size)
+        # Pass 2: copies between the pictures the hash pass kept, by cosine between the copy
+        # descriptors of all their files. Comparing each group's representative alone lost most
+        # geometric copies: the largest file of a group is often its padded copy, whose borders
+        # the descriptor sees (bench/copybench: hard-geometric recall 0.06 after the hash pass,
+        # the copy model alone 0.39).
+        thresholds = thresholds.at_scale(n, sum(len(e.image_ids) for e in eval_sets))
+        descriptors = _copy_descriptors(feature_shards, images, order, scratch)
         left, right, _ = copy_edges(
             descriptors,
             k=options.copy_k,
-            threshold=options.copy_threshold,
+            threshold=thresholds.copy,
             background=copy_background,
             beta=background_beta,
             map_slices=map_slices,
             slice_rows=slice_rows,
         )
-        local = representatives(
-            connected_components(len(survivors), left, right), area[survivors], survivors
-        )
-        group[survivors] = survivors[local]
-        group = group[group]  # hash duplicates follow their representative into its new group
-        copied = survivors[survivors[local] != survivors]
+        group = copy_groups(group, left, right, area, order)
+        copied = _unset(reason) & (group != order)
         reason[copied] = "copy"
         similarity[copied] = np.einsum(
             "ij,ij->i",
-            descriptors[rank[copied]].astype(np.float32),
-            descriptors[rank[group[copied]]].astype(np.float32),
+            descriptors[copied].astype(np.float32),
+            descriptors[group[copied]].astype(np.float32),
         )
         metrics["copy_edges"] = int(len(left))
+        metrics |= thresholds.metrics()
 
         # Pass 3: what is still kept and sits in one component with an evaluation image.
         for eval_set in eval_sets:
             kept = np.flatnonzero(_unset(reason))
             crawl, evaluation, sims = contamination(
-                descriptors[rank[kept]],
+                descriptors[kept],
                 eval_set.descriptors,
-                threshold=options.eval_threshold,
+                threshold=thresholds.eval,
                 k=options.copy_k,
             )
             hit = kept[crawl]

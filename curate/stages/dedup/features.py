@@ -12,7 +12,12 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from curate.core.shards import PartResult, ShardRef, shard_name, write_shard
-from curate.stages.dedup.copy_detection import copy_descriptors, load_copy_descriptor
+from curate.stages.dedup.copy_detection import (
+    FIXED_SIZE,
+    copy_descriptors,
+    copy_transform,
+    load_copy_descriptor,
+)
 from curate.stages.dedup.pca_hash.features import hash_features_batch, phash_codes
 from curate.stages.ingest.decode import load_rgb
 from schemas.job import DedupOptions
@@ -29,6 +34,7 @@ class CopyModelSpec:
     weights: Path | None
     arch: str
     allow_random: bool
+    input_size: int = FIXED_SIZE  # the square side the model sees (its card's, SSCD's 320)
 
     @property
     def enabled(self) -> bool:
@@ -89,12 +95,17 @@ def dedup_features_part(
         if copy_model.enabled
         else None  # the driver has said why, once
     )
+    transform = copy_transform(copy_model.input_size)
     features: list[np.ndarray] = []
     descriptors: list[np.ndarray] = []
     for images in _decoded_batches(rows):
         features.append(_hash_features(images, options))
         if model is not None:
-            descriptors.append(copy_descriptors(model, images, batch_size=options.copy_batch_size))
+            descriptors.append(
+                copy_descriptors(
+                    model, images, batch_size=options.copy_batch_size, transform=transform
+                )
+            )
     out = pa.table(
         {
             "image_id": [row["image_id"] for row in rows],

@@ -20,13 +20,32 @@ from curate.stages.dedup.copy_detection import warn_if_unweighted
 from curate.stages.dedup.decide import Decisions, decide, write_decisions
 from curate.stages.dedup.eval_sets import check_eval_sets, load_eval_sets
 from curate.stages.dedup.features import CopyModelSpec, dedup_features_part
+from curate.stages.dedup.model_card import ModelCard, read_model_card, resolve_thresholds
 from curate.stages.dedup.pca_hash.tables import table_pairs
 from schemas.job import StageName
 
 
 def copy_model_of(settings: Settings) -> CopyModelSpec:
     """The copy-descriptor model the machine's settings name (weights are a machine setting)."""
-    return CopyModelSpec(settings.copy_weights, settings.copy_arch, settings.allow_random_weights)
+    card = read_model_card(settings.copy_weights)
+    return CopyModelSpec(
+        settings.copy_weights, settings.copy_arch, settings.allow_random_weights, card.input_size
+    )
+
+
+def _copy_model_metrics(copy_model: CopyModelSpec, card: ModelCard) -> dict[str, Any]:
+    """What the dataset card says about the copy model: which file, how it was made, and the
+    operating point it was calibrated to (the curve stays in the file)."""
+    if not copy_model.enabled:
+        return {"file": None}
+    calibration = card.calibration or {}
+    return {
+        "file": str(copy_model.weights) if copy_model.weights else None,
+        "random_weights": copy_model.weights is None,
+        "summary": card.summary() if copy_model.weights else "random weights (tests only)",
+        "made": card.made,
+        "calibration": {k: v for k, v in calibration.items() if k != "curve"} or None,
+    }
 
 
 def _describe_shard(shard: ShardRef) -> str:
@@ -100,6 +119,8 @@ class DedupStage(Stage):
             else None
         )
         out_dir = job.stage_dir(self.name)
+        card = read_model_card(copy_model.weights)
+        thresholds = resolve_thresholds(options.copy_threshold, options.eval_threshold, card)
         decided: Decisions = job.compute.task(
             self.name,
             decide,
@@ -112,9 +133,10 @@ class DedupStage(Stage):
             map_tables=_HashTablesOn(job.compute.fan_out),
             copy_background=None if background is None else background.descriptors,
             background_beta=options.background_beta,
+            thresholds=thresholds,
         )
         plan.inputs = (decided, out_dir)
-        plan.metrics = decided.metrics
+        plan.metrics = decided.metrics | {"copy_model": _copy_model_metrics(copy_model, card)}
 
     def run_part(self, state: tuple[Decisions, Path], part: ShardRef) -> PartResult:
         return write_decisions(part, *state)

@@ -10,7 +10,8 @@ def test_valid_spec_fills_defaults():
     assert spec.until is None and spec.stages()[-1] == "cluster"  # no seed sets: no retrieval
     assert spec.ingest.shard_size == 1000 and spec.ingest.min_side == 64
     assert spec.embed.arch == "vit_huge_patch14_224" and spec.cluster.n_clusters is None
-    assert spec.dedup.copy_threshold == 0.6 and spec.dedup.eval_threshold == 0.45
+    # Unset: the copy model's calibrated points (DINOv2's 0.6 / 0.45 without calibration).
+    assert spec.dedup.copy_threshold is None and spec.dedup.eval_threshold is None
 
 
 @pytest.mark.parametrize(
@@ -24,6 +25,7 @@ def test_valid_spec_fills_defaults():
         ({"source": "x", "until": "curated"}, "needs seed sets"),
         ({"source": "x", "seeds": ["Bad Name"]}, "seeds"),
         ({"source": "x", "dedup": {"copy_background": "Bad Name"}}, "dedup.copy_background"),
+        ({"source": "x", "dedup": {"copy_background": "bg"}}, "copy_threshold"),
         ({"source": "x", "embed": {"batch_size": 0}}, "embed.batch_size"),
         ({"source": "   "}, "source"),
         ({}, "source"),

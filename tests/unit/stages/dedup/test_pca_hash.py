@@ -18,11 +18,15 @@ from curate.stages.dedup.pca_hash.features import (
 from curate.stages.dedup.pca_hash.search import (
     HAMMING_RADIUS,
     PHASH_RADIUS,
+    WIDE_RADIUS,
+    WORD_RADIUS,
     near_duplicate_pairs,
     pca_hash_groups,
+    search_radii,
 )
 from curate.stages.dedup.pca_hash.tables import multi_index_tables, table_pairs
 from curate.stages.ingest.decode import load_rgb
+from schemas.job import DedupOptions
 
 # -- codes with planted near pairs -----------------------------------------------------------------
 
@@ -314,3 +318,25 @@ def test_default_radius_uses_the_multi_index_tables():
     # The defaults must stay within what the exact sub-quadratic search supports.
     assert HAMMING_RADIUS <= tables.MAX_RADIUS_PER_WORD
     assert len(multi_index_tables(basis.PCA_HASH_BITS, HAMMING_RADIUS)) == 62
+
+
+def test_wide_codes_are_searched_word_by_word_then_checked_whole():
+    codes = _planted_codes(1500, 16, 12, seed=21)
+    radius, word = 12, 4
+    left, right, distance = near_duplicate_pairs(codes, radius, exact_below=0, word_radius=word)
+    near_word = set(zip(*_brute_force_pairs(codes[:, :8], word)[:2], strict=True))
+    near_word |= set(zip(*_brute_force_pairs(codes[:, 8:], word)[:2], strict=True))
+    near_whole = _brute_force_pairs(codes, radius)
+    expected = [(a, b) for a, b in zip(*near_whole[:2], strict=True) if (a, b) in near_word]
+    assert list(zip(left.tolist(), right.tolist(), strict=True)) == sorted(expected)
+    assert len(expected) > 50 and distance.max() <= radius
+
+
+def test_the_stage_defaults_search_128_bit_codes_within_the_exact_tables():
+    options = DedupOptions()
+    radius, word = search_radii(options)
+    assert (options.hash_bits, radius, word) == (128, WIDE_RADIUS, WORD_RADIUS)
+    assert len(multi_index_tables(64, WORD_RADIUS)) == 62  # per word, exact
+    assert search_radii(DedupOptions(hash_bits=64)) == (HAMMING_RADIUS, None)
+    assert search_radii(DedupOptions(hash="phash")) == (PHASH_RADIUS, None)
+    assert search_radii(DedupOptions(hamming_radius=3, word_radius=5)) == (3, 3)

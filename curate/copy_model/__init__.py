@@ -1,0 +1,1 @@
+"""SSCD-style copy descriptors trained in-house: augmentations, the training run, calibration."""
