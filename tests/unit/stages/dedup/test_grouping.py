@@ -92,3 +92,26 @@ def test_representatives_of_components():
 def test_representatives_reject_mismatched_lengths():
     with pytest.raises(ValueError):
         representatives(np.array([0, 0]), np.array([1]), np.array([0, 1]))
+
+
+def test_a_copy_of_any_file_of_a_hash_group_joins_the_whole_group():
+    from curate.stages.dedup.decide import copy_groups
+
+    # Hash group {0, 1} kept 1 (its padded copy: the larger file); 2 is a crop of 0, not of 1;
+    # 3 stands alone; 4 and 5 are a hash group of their own.
+    area = np.array([100, 150, 60, 80, 90, 70])
+    order = np.arange(6)
+    group = np.array([1, 1, 2, 3, 4, 4])
+    final = copy_groups(group, np.array([0]), np.array([2]), area, order)
+    assert final.tolist() == [1, 1, 1, 3, 4, 4]
+    # An edge between two hash groups joins both; the larger representative keeps them.
+    final = copy_groups(group, np.array([5]), np.array([0]), area, order)
+    assert final.tolist() == [1, 1, 2, 3, 1, 1]
+    assert copy_groups(group, np.array([], int), np.array([], int), area, order).tolist() == [
+        1,
+        1,
+        2,
+        3,
+        4,
+        4,
+    ]
