@@ -209,7 +209,8 @@ class Catalog(JobReports, ServiceRecords):
         """Register a part's shards and error counts together: after this, the part is done."""
         with self._transaction() as con:
             con.execute(
-                "INSERT INTO parts VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                "INSERT INTO parts (job_id, stage, part, rows_in, rows_out, errors, seconds, "
+                "committed_at, node) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 [
                     job_id,
                     stage,
@@ -219,6 +220,7 @@ class Catalog(JobReports, ServiceRecords):
                     result.errors,
                     result.seconds,
                     _now(),
+                    result.node,
                 ],
             )
             con.executemany(

@@ -19,6 +19,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import suppress
 from typing import Any
 
 import ray
@@ -32,6 +33,9 @@ from schemas.errors import CurateError, ErrorKind
 
 # Parts queued per stateful worker: the next part is already local when one finishes.
 _ACTOR_QUEUE = 2
+# While waiting on work, how often the driver checks that some live node can still run it: a
+# request no node can meet (its node died, or it never existed) is an error, never a hang.
+_RECHECK_S = 20.0
 
 
 class StageFailed(CurateError):
@@ -47,6 +51,12 @@ class JobCancelled(CurateError):
 
     kind = ErrorKind.CONFLICT
     code = "job_cancelled"
+
+
+class Unschedulable(StageFailed):
+    """No live node of the cluster has the resources a stage's work asks for."""
+
+    code = "unschedulable"
 
 
 # Set by the driver's SIGTERM handler (pipelines/job.py), which then raises KeyboardInterrupt:
@@ -122,13 +132,96 @@ def _alive_nodes() -> list[dict]:
 
 def _whole_node() -> dict[str, float]:
     """Ray resources of a one-off whole-stage task: the cores of the largest node (never the
-    cluster's sum, which no node has) and a GPU when a node has one.
+    cluster's sum, which no node has) and a GPU when that node has one.
 
     A 1-CPU Ray task gets one OpenMP thread, so FAISS and BLAS would run single-threaded."""
     nodes = _alive_nodes()
-    cpus = max((int(n["Resources"].get("CPU", 0)) for n in nodes), default=1)
-    gpu = any(n["Resources"].get("GPU", 0) >= 1 for n in nodes)
+    largest = max(
+        nodes,
+        key=lambda n: (n["Resources"].get("GPU", 0) >= 1, n["Resources"].get("CPU", 0)),
+        default=None,
+    )
+    if largest is None:
+        return {"num_cpus": 1, "num_gpus": 0}
+    cpus = int(largest["Resources"].get("CPU", 0))
+    gpu = largest["Resources"].get("GPU", 0) >= 1
     return {"num_cpus": max(1, cpus), "num_gpus": 1 if gpu else 0}
+
+
+def _request(num_cpus: float = 0, num_gpus: float = 0) -> dict[str, float]:
+    """Ray's resource names for a task's or actor's num_cpus and num_gpus."""
+    return {"CPU": num_cpus, "GPU": num_gpus}
+
+
+def check_schedulable(label: str, request: dict[str, float]) -> None:
+    """Raise Unschedulable, naming the request and every live node's resources, when no live
+    node could ever run it; Ray itself would wait for such a node for ever."""
+    nodes = _alive_nodes()
+    wanted = {key: value for key, value in request.items() if value}
+    for node in nodes:
+        if all(node["Resources"].get(key, 0) >= value for key, value in wanted.items()):
+            return
+    have = "; ".join(
+        f"{node['NodeManagerAddress']} ({node['NodeID'][:8]}): "
+        + ", ".join(f"{k} {v:g}" for k, v in sorted(node["Resources"].items()) if k in request)
+        for node in nodes
+    )
+    raise Unschedulable(
+        f"{label}: no live node of the Ray cluster has "
+        + ", ".join(f"{k} {v:g}" for k, v in sorted(wanted.items()))
+        + f" for one task; live nodes: {have or 'none'}. Add such a node, or lower the stage's "
+        "resources (CURATE_NUM_CPUS / CURATE_NUM_GPUS for a local cluster); the job resumes "
+        "where it stopped."
+    )
+
+
+def _wait_one(refs: list, label: str, requests: Sequence[dict[str, float]]) -> Any:
+    """The first of `refs` to finish; fails instead of waiting for ever when no live node can
+    run one of `requests` any more."""
+    while True:
+        ready, _ = ray.wait(refs, num_returns=1, timeout=_RECHECK_S)
+        if ready:
+            return ready[0]
+        for request in requests:
+            check_schedulable(label, request)
+
+
+def _wait_all(refs: list, label: str, requests: Sequence[dict[str, float]]) -> None:
+    left = list(refs)
+    while left:
+        left.remove(_wait_one(left, label, requests))
+
+
+def _node_affinity(node_id: str):
+    """Place on `node_id` only: a worker of a node that died is lost, not moved (`_map_pool`)."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    return NodeAffinitySchedulingStrategy(node_id=node_id, soft=False)
+
+
+def _pool_placements(cpus: float, gpus_each: float, gpus: int) -> list[dict[str, Any]]:
+    """Ray options of each worker of a stateful pool: one per GPU; on a CPU-only cluster one
+    per node with a core to spare for load tasks, pinned there. A cluster of one-core nodes gets
+    one worker that reserves no core, sharing its node's with the load tasks: reserving it would
+    leave them none."""
+    if gpus:
+        return [{"num_cpus": cpus, "num_gpus": gpus_each} for _ in range(gpus)]
+    nodes = _alive_nodes()
+    roomy = [n for n in nodes if n["Resources"].get("CPU", 0) >= cpus + 1]
+    if roomy:
+        return [
+            {"num_cpus": cpus, "num_gpus": 0, "scheduling_strategy": _node_affinity(n["NodeID"])}
+            for n in roomy
+        ]
+    largest = max(nodes, key=lambda n: n["Resources"].get("CPU", 0), default=None)
+    strategy = {"scheduling_strategy": _node_affinity(largest["NodeID"])} if largest else {}
+    return [{"num_cpus": 0, "num_gpus": 0, **strategy}]
+
+
+def _stamped(result: PartResult) -> PartResult:
+    """The part's result with the node that ran it (the catalog records it per part)."""
+    result.node = ray.get_runtime_context().get_node_id()
+    return result
 
 
 def _node_cpus() -> int:
@@ -145,7 +238,7 @@ def _node_cpus() -> int:
 
 
 def _run_stateless(work: PartWork, inputs: Any, part: Part) -> PartResult:
-    return work.run_part(work.setup(inputs, Worker(cpus=1, gpu=False)), part)
+    return _stamped(work.run_part(work.setup(inputs, Worker(cpus=1, gpu=False)), part))
 
 
 def _load(work: PartWork, inputs: Any, part: Part) -> tuple[int, Any]:
@@ -173,7 +266,7 @@ class _PoolWorker:
             raise self.error
 
     def run_part(self, part: Any) -> PartResult:
-        return self.work.run_part(self.state, part)
+        return _stamped(self.work.run_part(self.state, part))
 
 
 # -- driver side ----------------------------------------------------------------------------------
@@ -186,9 +279,17 @@ class RayCompute:
         self.progress = progress
 
     def task(self, label: str, work: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        remote = ray.remote(**_whole_node())(work)
+        resources = _whole_node()
+        request = _request(**resources)
+        check_schedulable(label, request)
+        ref = ray.remote(**resources)(work).remote(*args, **kwargs)
         try:
-            return ray.get(remote.remote(*args, **kwargs))
+            _wait_one([ref], label, [request])
+        except BaseException:
+            ray.cancel(ref)  # a stop, or no node left for it: no task left behind (only
+            raise  # unfinished ones: Ray 2.60 aborts the driver cancelling a finished one)
+        try:
+            return ray.get(ref)
         except (ray.exceptions.RayTaskError, ray.exceptions.RayActorError) as error:
             raise _failure(f"{label} failed", error) from None
 
@@ -238,9 +339,12 @@ def _map_tasks(
 ) -> None:
     """One task per part, a bounded window of them in flight."""
     cpus = work.resources.cpus
+    requests = [_request(num_cpus=cpus)]
+    check_schedulable(label, requests[0])
     # Ray re-runs a part whose worker died (OOM, lost node); an exception raised by our own code
     # is a bug or an unreadable source and stops the stage instead.
-    remote = ray.remote(num_cpus=cpus, max_retries=3)(_run_stateless)
+    # SPREAD: parts go round the nodes rather than filling the driver's node first.
+    remote = ray.remote(num_cpus=cpus, max_retries=3, scheduling_strategy="SPREAD")(_run_stateless)
     # Two parts per slot keep every worker busy while the driver commits; the window bounds the
     # driver's memory whatever the number of parts.
     window = 2 * max(1, int(ray.cluster_resources().get("CPU", 1) // cpus))
@@ -254,7 +358,7 @@ def _map_tasks(
     try:
         fill()
         while pending:
-            (ref,), _ = ray.wait(list(pending), num_returns=1)
+            ref = _wait_one(list(pending), label, requests)
             part = pending.pop(ref)
             try:
                 result: PartResult = ray.get(ref)
@@ -268,6 +372,12 @@ def _map_tasks(
             ray.cancel(ref)
 
 
+# A worker lost with its node: its parts go to the others.
+_WORKER_LOST = (ray.exceptions.RayActorError, ray.exceptions.ActorUnschedulableError)
+# Times a stateful stage places a new pool after losing every worker, before it gives up.
+_POOL_STARTS = 3
+
+
 def _map_pool(
     work: PartWork,
     inputs: Any,
@@ -276,29 +386,70 @@ def _map_pool(
     commit: Callable[[PartResult], None],
     bar: PartProgress,
 ) -> None:
-    """A pool of stateful workers (one per GPU; on a CPU-only cluster one, given its node's
-    cores), fed by load tasks when the stage has a load step."""
+    """A pool of stateful workers, fed by load tasks when the stage has a load step: one
+    worker per GPU; on a CPU-only cluster one per node, given that node's cores.
+
+    Workers are pinned to their node and never restarted elsewhere: a restarted worker would
+    double up on a survivor and take the cores its load tasks need. A worker lost with its node
+    is dropped and its parts (their loaded payloads, which Ray rebuilds if they died with the
+    node) go to the others; a pool left with none is placed again on the nodes alive then."""
     resources = ray.cluster_resources()
     gpus = int(resources.get("GPU", 0)) if work.resources.gpus else 0
-    actors_n = max(1, gpus)
-    # Logical CPUs left for loading once each actor holds its own.
-    load_slots = max(1, int(resources.get("CPU", 1)) - actors_n)
-    # Loaded-or-loading parts not yet at an actor: bounds memory to a few loaded parts.
-    load_window = load_slots + actors_n
-    actor_class = ray.remote(
-        num_cpus=work.resources.cpus,
-        num_gpus=work.resources.gpus if gpus else 0,
-        max_restarts=1,
-        max_task_retries=1,
-    )(_PoolWorker)
     shared = (ray.put(work), ray.put(inputs))
-    actors = [actor_class.remote(*shared, bool(gpus)) for _ in range(actors_n)]
-    load = ray.remote(num_cpus=1, max_retries=3)(_load).options(num_returns=2)
+    actor_class = ray.remote(max_restarts=0, max_task_retries=0)(_PoolWorker)
+    load = ray.remote(num_cpus=1, max_retries=3, scheduling_strategy="SPREAD")(_load).options(
+        num_returns=2
+    )
+    load_request = _request(num_cpus=1)
+    check_schedulable(label, load_request)
 
+    actors: dict[int, Any] = {}
+    queued: dict[int, int] = {}
+    keys = itertools.count()
+    starts = 0
+    requests: list[dict[str, float]] = [load_request]
+
+    def start_pool() -> None:
+        nonlocal starts, requests
+        while not actors:
+            starts += 1
+            if starts > _POOL_STARTS:
+                raise StageFailed(
+                    f"{label}: lost every worker {_POOL_STARTS} times (their nodes died); "
+                    "re-run the job to resume where it stopped"
+                )
+            placements = _pool_placements(work.resources.cpus, work.resources.gpus, gpus)
+            requests = [_request(placements[0]["num_cpus"], placements[0]["num_gpus"])]
+            requests.append(load_request)
+            check_schedulable(label, requests[0])
+            readiness = {}
+            for placement in placements:
+                key = next(keys)
+                actors[key] = actor_class.options(**placement).remote(*shared, bool(gpus))
+                queued[key] = 0
+                readiness[actors[key].ready.remote()] = key
+            _wait_all(list(readiness), label, requests)
+            for ref, key in readiness.items():
+                try:
+                    ray.get(ref)
+                except _WORKER_LOST:
+                    lose(key)  # its node went away while it started
+                except ray.exceptions.RayTaskError as error:
+                    raise _failure(f"{label}: {work.describe_setup(inputs)}", error) from None
+
+    def lose(key: int) -> None:
+        if key in actors:
+            with suppress(Exception):
+                ray.kill(actors.pop(key))
+            queued.pop(key)
+
+    # Logical CPUs left for loading once each actor holds its own.
+    load_slots = max(1, int(resources.get("CPU", 1)) - max(1, gpus))
+    # Loaded-or-loading parts not yet at an actor: bounds memory to a few loaded parts.
+    load_window = load_slots + max(1, gpus)
     loading: dict[ray.ObjectRef, tuple[Part, ray.ObjectRef]] = {}
     ready: deque[tuple[Part, Any]] = deque()
-    running: dict[ray.ObjectRef, tuple[Part, int]] = {}
-    queued = [0] * actors_n
+    running: dict[ray.ObjectRef, tuple[Part, int, Any]] = {}
 
     def fill() -> None:
         while len(loading) + len(ready) < load_window and (part := next(todo, None)) is not None:
@@ -307,20 +458,18 @@ def _map_pool(
                 loading[index_ref] = (part, loaded_ref)
             else:
                 ready.append((part, part))
-        while ready and min(queued) < _ACTOR_QUEUE:
-            actor = queued.index(min(queued))
+        while ready and actors and min(queued.values()) < _ACTOR_QUEUE:
+            key = min(queued, key=queued.__getitem__)
             part, payload = ready.popleft()
-            running[actors[actor].run_part.remote(payload)] = (part, actor)
-            queued[actor] += 1
+            running[actors[key].run_part.remote(payload)] = (part, key, payload)
+            queued[key] += 1
 
     try:
         fill()
-        try:
-            ray.get([actor.ready.remote() for actor in actors])
-        except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as error:
-            raise _failure(f"{label}: {work.describe_setup(inputs)}", error) from None
+        start_pool()
+        fill()
         while loading or running:
-            (ref,), _ = ray.wait([*loading, *running], num_returns=1)
+            ref = _wait_one([*loading, *running], label, requests)
             if ref in loading:
                 part, loaded_ref = loading.pop(ref)
                 try:
@@ -329,21 +478,26 @@ def _map_pool(
                     raise _failure(f"{label} failed on {work.describe(part)}", error) from None
                 ready.append((part, loaded_ref))
             else:
-                part, actor = running.pop(ref)
-                queued[actor] -= 1
+                part, key, payload = running.pop(ref)
                 try:
                     result: PartResult = ray.get(ref)
-                except (ray.exceptions.RayTaskError, ray.exceptions.RayActorError) as error:
+                except _WORKER_LOST:
+                    lose(key)
+                    ready.appendleft((part, payload))
+                    start_pool()  # only when no worker is left
+                except ray.exceptions.RayTaskError as error:
                     raise _failure(f"{label} failed on {work.describe(part)}", error) from None
-                commit(result)
-                bar.committed(result)
+                else:
+                    queued[key] -= 1
+                    commit(result)
+                    bar.committed(result)
             fill()
     finally:
         for ref in loading:
             ray.cancel(ref)
-        for actor in actors:
+        for key in list(actors):
             # Frees the workers' (GPU) memory for the stages that follow.
-            ray.kill(actor)
+            lose(key)
 
 
 def run_stage(stage: Stage, job: JobRun) -> None:

@@ -34,8 +34,10 @@ CREATE TABLE IF NOT EXISTS parts (
     errors    BIGINT NOT NULL,
     seconds   DOUBLE NOT NULL,
     committed_at TIMESTAMP NOT NULL,
+    node      VARCHAR,                     -- the Ray node that ran it (NULL: recorded before)
     PRIMARY KEY (job_id, stage, part)
 );
+ALTER TABLE parts ADD COLUMN IF NOT EXISTS node VARCHAR;
 CREATE TABLE IF NOT EXISTS shards (
     job_id    VARCHAR NOT NULL,
     stage     VARCHAR NOT NULL,

@@ -120,6 +120,7 @@ class PartResult:
     shards: dict[str, ShardInfo]  # kind -> shard
     error_counts: dict[str, int] = field(default_factory=dict)
     seconds: float = 0.0
+    node: str | None = None  # the Ray node that ran the part (set by the executor)
 
     @property
     def errors(self) -> int:

@@ -13,7 +13,7 @@ import pytest
 from curate.catalog import Catalog
 from curate.core.shards import PartResult, shard_name, write_shard
 from curate.core.stage import JobRun, Plan, Resources, Stage, Worker
-from pipelines.executor import RayCompute, StageFailed, run_stage
+from pipelines.executor import RayCompute, StageFailed, Unschedulable, run_stage
 from schemas.errors import DataError, ErrorKind, ModelError
 from schemas.job import parse_job_spec
 
@@ -150,3 +150,27 @@ def test_failures_name_the_part_or_the_set_up_and_keep_the_kind(ray_local, tmp_p
     with pytest.raises(StageFailed, match="nofactor: loading the factor: ModelError") as fail:
         run_stage(NoFactor(), job)
     assert fail.value.kind == ErrorKind.MODEL
+
+
+class Greedy(Squares):
+    """Parts that ask for more cores than any node of the cluster has."""
+
+    name = "greedy"
+    resources = Resources(cpus=64)
+
+
+def test_a_stage_no_node_can_run_fails_at_once_naming_what_it_asks(ray_local, tmp_path):
+    job = _job(tmp_path)
+    with pytest.raises(Unschedulable, match="greedy: no live node of the Ray cluster has CPU 64"):
+        run_stage(Greedy(), job)
+    (record,) = [s for s in job.catalog.job_report(JOB)["stages"] if s["stage"] == "greedy"]
+    assert record["status"] == "failed" and "live nodes:" in record["message"]
+
+
+def test_every_committed_part_names_the_node_that_ran_it(ray_local, tmp_path):
+    job = _job(tmp_path)
+    run_stage(Doubler(), job)
+    run_stage(Squares(), job)
+    with job.catalog._transaction() as con:
+        nodes = con.execute("SELECT DISTINCT node FROM parts WHERE job_id = ?", [JOB]).fetchall()
+    assert nodes == [(ray_local.get_runtime_context().get_node_id(),)]
