@@ -95,6 +95,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/embed.py
 	$(BIN)/python bench/index.py
 	$(BIN)/python bench/pipeline.py
+	$(BIN)/python bench/projection.py
 	$(BIN)/python bench/train.py
 	$(BIN)/python bench/service.py
 

@@ -8,7 +8,7 @@ That way a CLI run and the service can share one catalog. Only drivers call this
 import json
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager, suppress
 from datetime import UTC, datetime
 from pathlib import Path
@@ -287,6 +287,63 @@ class Catalog(JobReports, ServiceRecords):
 
     def shard_paths(self, job_id: str, stage: str, kind: str = "data") -> list[Path]:
         return [shard.path for shard in self.shards(job_id, stage, kind)]
+
+    # -- integrity (curate/integrity.py) ------------------------------------------------------
+
+    def registered_shards(self, job_id: str) -> list[dict[str, Any]]:
+        """Every shard the job registered, as the catalog has it: stage, kind, part, path (as
+        stored, relative to the data root), rows, bytes and checksum; by stage, part, kind."""
+        with self._transaction() as con:
+            cur = con.execute(
+                "SELECT stage, kind, part, path, rows, bytes, checksum FROM shards "
+                "WHERE job_id = ? ORDER BY stage, part, kind",
+                [job_id],
+            )
+            names = [d[0] for d in cur.description]
+            return [dict(zip(names, row, strict=True)) for row in cur.fetchall()]
+
+    def invalidate_parts(
+        self,
+        job_id: str,
+        parts: Mapping[str, Iterable[int]],
+        reset: Iterable[str] = (),
+        message: str = "shards missing or damaged",
+    ) -> None:
+        """Forget committed parts whose shards are missing or damaged, and the stages that read
+        them, so that the next run redoes exactly those; in one transaction, so that no crash
+        leaves a later stage recorded done over a part that is gone.
+
+        Each stage of `parts` loses those parts' rows (parts, shards, error counts) and is
+        recorded `failed` with `message`: the executor re-runs it, skipping the parts still
+        committed. Each stage of `reset` loses every row and its SQL views, as if never run. A
+        job recorded done is recorded failed with `message`."""
+        with self._transaction() as con:
+            for stage, numbers in parts.items():
+                numbers = sorted(set(numbers))
+                for table in ("error_counts", "shards", "parts"):
+                    con.execute(
+                        f"DELETE FROM {table} WHERE job_id = ? AND stage = ? "
+                        "AND list_contains(?, part)",
+                        [job_id, stage, numbers],
+                    )
+                con.execute(
+                    "UPDATE stages SET status = 'failed', message = ? "
+                    "WHERE job_id = ? AND stage = ?",
+                    [message, job_id, stage],
+                )
+            for stage in reset:
+                for table in ("error_counts", "shards", "parts", "stages"):
+                    con.execute(
+                        f"DELETE FROM {table} WHERE job_id = ? AND stage = ?", [job_id, stage]
+                    )
+                for view in STAGE_VIEWS.get(stage, {}):
+                    con.execute(f"DROP VIEW IF EXISTS {quote_name(job_id)}.{quote_name(view)}")
+            con.execute(
+                "UPDATE jobs SET status = CASE WHEN status = 'done' THEN 'failed' ELSE status END, "
+                "message = CASE WHEN status = 'done' THEN ? ELSE message END, updated_at = ? "
+                "WHERE job_id = ?",
+                [message, _now(), job_id],
+            )
 
     # -- evaluation sets ----------------------------------------------------------------------
 

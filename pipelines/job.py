@@ -6,6 +6,7 @@ from typing import Any
 
 from curate.catalog import Catalog
 from curate.core.stage import JobRun, Stage
+from curate.integrity import redo_damaged
 from curate.settings import Settings
 from pipelines.executor import (
     STOP_REQUESTED,
@@ -57,7 +58,9 @@ def _cancel_on_sigterm() -> Any:
 
 def run_job(spec: JobSpec, settings: Settings, log=print) -> dict:
     """Run (or resume) the job; returns its catalog report. Raises a CurateError on unusable
-    input before anything is recorded, JobCancelled once stopped by SIGTERM."""
+    input before anything is recorded, JobCancelled once stopped by SIGTERM. A resumed job's
+    shards are checked first (existence and size): the parts of missing or damaged ones are
+    redone, with every later stage."""
     spec = spec.model_copy(update={"job_id": spec.job_id or new_job_id()})
     assert spec.job_id
     catalog = Catalog(settings.catalog_file, settings.data_root)
@@ -66,6 +69,10 @@ def run_job(spec: JobSpec, settings: Settings, log=print) -> dict:
     found = _check(job, stages)
     resumed = catalog.open_job(spec)
     log(f"{'resuming' if resumed else 'starting'} job {spec.job_id}: {'; '.join(found)}")
+    if resumed:
+        # A registered shard gone or of the wrong size is redone, never read (curate/integrity).
+        for line in redo_damaged(catalog, spec.job_id, job.job_dir):
+            log(line)
     catalog.set_job_status(spec.job_id, "running")
     STOP_REQUESTED.clear()
     previous = _cancel_on_sigterm()

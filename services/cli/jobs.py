@@ -1,10 +1,12 @@
-"""`curate jobs list|show` and `curate sql`: reading the catalog and each job's stage views."""
+"""`curate jobs list|show|verify` and `curate sql`: reading the catalog, each job's stage views and
+checking its shards."""
 
 import argparse
 import json
 import sys
 from typing import Any, TextIO
 
+from curate.catalog import JobNotFound
 from services.cli.common import load_settings, open_catalog
 from services.cli.errors import UsageError
 
@@ -78,6 +80,72 @@ def cmd_jobs_show(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_jobs_verify(args: argparse.Namespace) -> int:
+    """Every registered shard of the job re-read: there, of its size, of its sha256. Exit 0
+    when all are, 1 (a data error) when any is not; --repair also forgets the bad parts, so
+    that the next run redoes them (a run by itself only sees missing shards and wrong sizes)."""
+    from tqdm import tqdm
+
+    from curate.catalog_service import ACTIVE, JobBusy
+    from curate.integrity import OK, ShardsDamaged, check_job, forget_bad_parts, stage_counts
+
+    settings = load_settings()
+    catalog = open_catalog(settings)
+    status = catalog.job_status(args.job_id)
+    if status is None:
+        raise JobNotFound(f"no job {args.job_id!r} in {catalog.path}")
+    if args.repair and status in ACTIVE:
+        raise JobBusy(
+            f"job {args.job_id!r} is {status}: --repair forgets parts, which only a stopped job "
+            "may (a run checks its shards' sizes itself when it starts)"
+        )
+    total = sum(shard["bytes"] for shard in catalog.registered_shards(args.job_id))
+    with tqdm(
+        total=total,
+        unit="B",
+        unit_scale=True,
+        desc="verify",
+        disable=not (settings.progress and sys.stderr.isatty()),
+        file=sys.stderr,
+    ) as bar:
+        checks = check_job(catalog, args.job_id, full=True, progress=bar.update)
+    counts = stage_counts(checks)
+    bad = [check for check in checks if check.state != OK]
+    repaired = []
+    if args.repair and bad:
+        repaired = forget_bad_parts(catalog, args.job_id, settings.job_dir(args.job_id), bad)
+    if args.json:
+        verified = {
+            "job_id": args.job_id,
+            "stages": {stage: dict(count) for stage, count in counts.items()},
+            "bad": [vars(check) for check in bad],
+            "repaired": repaired,
+        }
+        print(json.dumps(verified, indent=2))
+    else:
+        print(f"job {args.job_id}: {len(checks)} shards")
+        print(f"  {'stage':<16}{'ok':>8}{'missing':>9}{'damaged':>9}")
+        for stage, count in counts.items():
+            print(f"  {stage:<16}{count['ok']:>8}{count['missing']:>9}{count['damaged']:>9}")
+        for check in bad:
+            print(f"  {check.describe()}")
+        for line in repaired:
+            print(f"  repaired: {line}")
+    if repaired:
+        catalog.refresh_views(args.job_id)  # the SQL views no longer name the forgotten shards
+    if bad:
+        # A run finds missing shards and wrong sizes itself; only a hash tells the others.
+        if repaired or all(check.seen_by_run for check in bad):
+            then = "run the job again to redo them"
+        else:
+            then = f"`curate jobs verify {args.job_id} --repair`, then a run, redoes them"
+        raise ShardsDamaged(
+            f"{len(bad)} of {len(checks)} shards of job {args.job_id} are missing or "
+            f"damaged; {then}"
+        )
+    return 0
+
+
 def cmd_sql(args: argparse.Namespace) -> int:
     catalog = open_catalog(load_settings())
     try:
@@ -95,9 +163,9 @@ def cmd_sql(args: argparse.Namespace) -> int:
 
 
 def add_jobs_parser(commands: argparse._SubParsersAction) -> None:
-    jobs = commands.add_parser("jobs", help="list jobs or show one").add_subparsers(
-        dest="jobs_command", required=True, metavar="list|show"
-    )
+    jobs = commands.add_parser(
+        "jobs", help="list jobs, show one or verify its shards"
+    ).add_subparsers(dest="jobs_command", required=True, metavar="list|show|verify")
     listing = jobs.add_parser("list", help="every job in the catalog")
     listing.add_argument("--json", action="store_true")
     listing.set_defaults(func=cmd_jobs_list)
@@ -105,6 +173,17 @@ def add_jobs_parser(commands: argparse._SubParsersAction) -> None:
     show.add_argument("job_id")
     show.add_argument("--json", action="store_true")
     show.set_defaults(func=cmd_jobs_show)
+    verify = jobs.add_parser(
+        "verify", help="re-read every shard of a job: there, its size, its sha256"
+    )
+    verify.add_argument("job_id")
+    verify.add_argument(
+        "--repair",
+        action="store_true",
+        help="also forget the bad shards' parts and the later stages: the next run redoes them",
+    )
+    verify.add_argument("--json", action="store_true")
+    verify.set_defaults(func=cmd_jobs_verify)
 
 
 def add_sql_parser(commands: argparse._SubParsersAction) -> None:

@@ -105,6 +105,60 @@ def test_unregistered_shards_are_not_in_the_views(tmp_path):
     assert rows == [("a",)]
 
 
+def commit_stage(catalog: Catalog, root, stage: str, part: int) -> None:
+    """A part of a stage after ingest, with one shard of ids (the catalog reads no columns)."""
+    table = pa.table({"image_id": [f"{stage}-{part}"]})
+    shard = write_shard(table, root / f"jobs/j/{stage}/part-{part}.parquet")
+    catalog.commit_part("j", stage, PartResult(part, 1, 1, {"data": shard}, {"x": 1}))
+
+
+def test_invalidating_parts_forgets_them_and_resets_the_later_stages(tmp_path):
+    catalog = Catalog(tmp_path / "catalog.duckdb", tmp_path)
+    catalog.open_job(parse_job_spec({"source": "s", "job_id": "j"}))
+    catalog.start_stage("j", "ingest", 3)
+    for part in range(3):
+        commit(catalog, tmp_path, part, [f"i{part}"], {"timeout": 1})
+    catalog.finish_stage("j", "ingest", "done", 1.0, {"images": 3})
+    for stage in ("dedup_features", "dedup"):
+        catalog.start_stage("j", stage, 2)
+        for part in range(2):
+            commit_stage(catalog, tmp_path, stage, part)
+        catalog.finish_stage("j", stage, "done", 1.0)
+    catalog.refresh_views("j")
+    catalog.set_job_status("j", "done")
+    registered = catalog.registered_shards("j")
+    assert len(registered) == 3 * 2 + 2 + 2
+    assert registered[0] == {
+        "stage": "dedup",
+        "kind": "data",
+        "part": 0,
+        "path": "jobs/j/dedup/part-0.parquet",
+        "rows": 1,
+        "bytes": registered[0]["bytes"],
+        "checksum": registered[0]["checksum"],
+    }
+
+    catalog.invalidate_parts("j", {"ingest": [1]}, ["dedup_features", "dedup"], "part 1 gone")
+
+    assert catalog.committed_parts("j", "ingest") == {0, 2}
+    assert [s.index for s in catalog.shards("j", "ingest")] == [0, 2]
+    assert [s.index for s in catalog.shards("j", "ingest", "errors")] == [0, 2]
+    report = catalog.job_report("j")
+    assert (report["status"], report["message"]) == ("failed", "part 1 gone")
+    (ingest,) = report["stages"]  # the later stages are gone, as if never run
+    assert (ingest["status"], ingest["message"]) == ("failed", "part 1 gone")
+    assert ingest["errors_by_reason"] == {"timeout": 2} and ingest["metrics"] == {"images": 3}
+    assert {s["stage"] for s in catalog.registered_shards("j")} == {"ingest"}
+    assert catalog.committed_parts("j", "dedup") == set()
+    _, views = catalog.query(
+        "SELECT view_name FROM duckdb_views() WHERE schema_name = 'j' ORDER BY 1"
+    )
+    assert [v for (v,) in views] == ["ingest", "ingest_duplicates", "ingest_errors"]
+    # The part commits again, as a re-run does.
+    commit(catalog, tmp_path, 1, ["i1"], {"timeout": 1})
+    assert catalog.committed_parts("j", "ingest") == {0, 1, 2}
+
+
 def test_a_second_process_waits_for_the_lock(tmp_path):
     path = tmp_path / "catalog.duckdb"
     catalog = Catalog(path, tmp_path)
