@@ -7,8 +7,8 @@ containers: `docker/entrypoint.sh head` and `docker/entrypoint.sh worker`, each 
 
 The head offers no CPU, like a real head node, so every task runs on a worker node. Nodes share
 the head's session folder (a private --temp-dir: a `ray.init()` elsewhere in the test session
-never finds this cluster). Ray's token authentication is on (Ray 2.6x's default): every process
-joining carries RAY_AUTH_MODE=token and reads the token from ~/.ray/auth_token.
+never finds this cluster). Ray's token authentication is on: every process joining carries
+RAY_AUTH_MODE=token and the cluster's token in RAY_AUTH_TOKEN.
 
 A node is stopped with SIGTERM to its `ray start --block` process (which stops its raylet and
 workers), or killed whole with SIGKILL to its process group (`kill_node`): a lost machine.
@@ -16,6 +16,7 @@ workers), or killed whole with SIGKILL to its process group (`kill_node`): a los
 
 import json
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -69,6 +70,9 @@ class RayCluster:
     port: int = field(default_factory=free_port)
     dashboard_port: int = field(default_factory=free_port)
     nodes: dict[str, Node] = field(default_factory=dict)
+    # The cluster's own secret, as a deployment passes it to every container: a machine
+    # without ~/.ray/auth_token (CI) starts the same cluster.
+    token: str = field(default_factory=lambda: secrets.token_hex(32))
     # Ray's session folder, short: its socket paths must fit AF_UNIX's 107 bytes.
     session_root: str = field(default_factory=lambda: tempfile.mkdtemp(prefix="ray-", dir="/tmp"))
 
@@ -89,6 +93,7 @@ class RayCluster:
             "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
             "PYTHONPATH": str(ROOT),
             "RAY_AUTH_MODE": "token",
+            "RAY_AUTH_TOKEN": self.token,
             "RAY_DEDUP_LOGS": "0",
         }
 
