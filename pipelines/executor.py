@@ -218,6 +218,27 @@ def _pool_placements(cpus: float, gpus_each: float, gpus: int) -> list[dict[str,
     return [{"num_cpus": 0, "num_gpus": 0, **strategy}]
 
 
+def _round_the_nodes(cpus: float) -> Callable[[int], Any]:
+    """The placement of part k: the k-th of the live nodes' slots, a node having one slot per
+    task of `cpus` it runs at once, interleaved. Parts go round the nodes in proportion to their
+    cores, the same way on every run, instead of wherever Ray's scheduler prefers at the moment
+    (SPREAD left a stage's parts on one node of two now and then); soft, so the part of a node
+    that died runs elsewhere."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    nodes = [n for n in _alive_nodes() if n["Resources"].get("CPU", 0) >= max(cpus, 1e-9)]
+    per_node = {n["NodeID"]: max(1, int(n["Resources"]["CPU"] // max(cpus, 1))) for n in nodes}
+    slots = [
+        node
+        for rank in range(max(per_node.values(), default=0))
+        for node, count in per_node.items()
+        if rank < count
+    ]
+    if not slots:
+        return lambda _: "DEFAULT"
+    return lambda k: NodeAffinitySchedulingStrategy(node_id=slots[k % len(slots)], soft=True)
+
+
 def _stamped(result: PartResult) -> PartResult:
     """The part's result with the node that ran it (the catalog records it per part)."""
     result.node = ray.get_runtime_context().get_node_id()
@@ -343,8 +364,8 @@ def _map_tasks(
     check_schedulable(label, requests[0])
     # Ray re-runs a part whose worker died (OOM, lost node); an exception raised by our own code
     # is a bug or an unreadable source and stops the stage instead.
-    # SPREAD: parts go round the nodes rather than filling the driver's node first.
-    remote = ray.remote(num_cpus=cpus, max_retries=3, scheduling_strategy="SPREAD")(_run_stateless)
+    remote = ray.remote(num_cpus=cpus, max_retries=3)(_run_stateless)
+    place = _round_the_nodes(cpus)
     # Two parts per slot keep every worker busy while the driver commits; the window bounds the
     # driver's memory whatever the number of parts.
     window = 2 * max(1, int(ray.cluster_resources().get("CPU", 1) // cpus))
@@ -353,7 +374,9 @@ def _map_tasks(
 
     def fill() -> None:
         while len(pending) < window and (part := next(todo, None)) is not None:
-            pending[remote.remote(*shared, part)] = part
+            pending[remote.options(scheduling_strategy=place(part.index)).remote(*shared, part)] = (
+                part
+            )
 
     try:
         fill()
@@ -397,9 +420,8 @@ def _map_pool(
     gpus = int(resources.get("GPU", 0)) if work.resources.gpus else 0
     shared = (ray.put(work), ray.put(inputs))
     actor_class = ray.remote(max_restarts=0, max_task_retries=0)(_PoolWorker)
-    load = ray.remote(num_cpus=1, max_retries=3, scheduling_strategy="SPREAD")(_load).options(
-        num_returns=2
-    )
+    load = ray.remote(num_cpus=1, max_retries=3, num_returns=2)(_load)
+    place = _round_the_nodes(1)
     load_request = _request(num_cpus=1)
     check_schedulable(label, load_request)
 
@@ -454,7 +476,8 @@ def _map_pool(
     def fill() -> None:
         while len(loading) + len(ready) < load_window and (part := next(todo, None)) is not None:
             if work.loads_parts:
-                index_ref, loaded_ref = load.remote(*shared, part)
+                placed = load.options(scheduling_strategy=place(part.index))
+                index_ref, loaded_ref = placed.remote(*shared, part)
                 loading[index_ref] = (part, loaded_ref)
             else:
                 ready.append((part, part))

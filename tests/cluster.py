@@ -40,13 +40,14 @@ NODES_TIMEOUT_S = 180
 _PROBE = """
 import json, sys, time, ray
 ray.init(address=sys.argv[1], logging_level="ERROR")
-want, deadline = int(sys.argv[2]), time.monotonic() + float(sys.argv[3])
+label, stale, deadline = sys.argv[2], set(sys.argv[4:]), time.monotonic() + float(sys.argv[3])
 while True:
-    alive = [n for n in ray.nodes() if n["Alive"]]
-    if len(alive) == want or time.monotonic() > deadline:
+    fresh = [n for n in ray.nodes() if n["Alive"] and label in n["Resources"]
+             and n["NodeID"] not in stale]
+    if fresh or time.monotonic() > deadline:
         break
     time.sleep(0.5)
-print(json.dumps([{"id": n["NodeID"], "resources": n["Resources"]} for n in alive]))
+print(json.dumps([n["NodeID"] for n in fresh]))
 """
 
 
@@ -70,6 +71,7 @@ class RayCluster:
     port: int = field(default_factory=free_port)
     dashboard_port: int = field(default_factory=free_port)
     nodes: dict[str, Node] = field(default_factory=dict)
+    seen: set[str] = field(default_factory=set)  # every node id that ever joined
     # The cluster's own secret, as a deployment passes it to every container: a machine
     # without ~/.ray/auth_token (CI) starts the same cluster.
     token: str = field(default_factory=lambda: secrets.token_hex(32))
@@ -125,7 +127,7 @@ class RayCluster:
             "--temp-dir",
             self.session_root,
         )
-        self._registered("head", 1)
+        self._registered("head", "node:__internal_head__")
 
     def add_worker(self, name: str, cpus: int = WORKER_CPUS) -> None:
         """A worker node offering `cpus` and the custom resource `name`; returns once it has
@@ -139,13 +141,14 @@ class RayCluster:
                 "CURATE_HEAD_ADDRESS": self.address,
             },
         )
-        self._registered(name, len(self.nodes))
+        self._registered(name, name)
 
-    def _probe(self, want: int, node: Node) -> list[dict]:
-        """The alive nodes once there are `want` (or after NODES_TIMEOUT_S); fails at once,
-        with the node's log, if the node being waited for exits meanwhile."""
+    def _probe(self, node: Node, label: str) -> list[str]:
+        """Ids of the live nodes offering `label` that were never seen before (a killed node may
+        still read alive for a while), once there is one or after NODES_TIMEOUT_S; fails at
+        once, with the node's log, if the node being waited for exits meanwhile."""
         probe = subprocess.Popen(
-            [sys.executable, "-c", _PROBE, self.address, str(want), str(NODES_TIMEOUT_S)],
+            [sys.executable, "-c", _PROBE, self.address, label, str(NODES_TIMEOUT_S), *self.seen],
             env=self.env,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -162,20 +165,12 @@ class RayCluster:
         assert probe.returncode == 0, err[-3000:]
         return json.loads(out.strip().splitlines()[-1])
 
-    def _registered(self, name: str, count: int) -> None:
+    def _registered(self, name: str, label: str) -> None:
         node = self.nodes[name]
-        alive = self._probe(count, node)
-        assert len(alive) == count, (
-            f"{name} did not join: {len(alive)} of {count} nodes alive; its log: "
-            f"{node.log.read_text()[-3000:]}"
-        )
-        known = {n.node_id for n in self.nodes.values()}
-        fresh = [n for n in alive if n["id"] not in known]
-        if name == "head":
-            fresh = [n for n in fresh if "node:__internal_head__" in n["resources"]]
-        else:
-            fresh = [n for n in fresh if name in n["resources"]]
-        node.node_id = fresh[0]["id"]
+        fresh = self._probe(node, label)
+        assert fresh, f"{name} did not join; its log: {node.log.read_text()[-3000:]}"
+        node.node_id = fresh[0]
+        self.seen.add(fresh[0])
 
     def node_of(self, node_id: str) -> str:
         return next(n.name for n in self.nodes.values() if n.node_id == node_id)

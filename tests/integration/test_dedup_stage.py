@@ -135,15 +135,16 @@ def test_interrupted_dedup_resumes_to_the_same_decisions(ray_local, settings, co
         parse_job_spec({**spec, "job_id": "cut", "until": "ingest"}), settings, log=lambda _: None
     )
     catalog = Catalog(settings.catalog_file, settings.data_root)
-    # One ingest shard goes missing mid-stage: the features pass fails after other parts commit.
+    # One ingest shard turns unreadable mid-stage (same size: a run's own integrity check,
+    # existence and size, passes it): the features pass fails after other parts commit.
     victim = catalog.shard_paths("cut", "ingest")[-1]
-    hidden = victim.with_suffix(".away")
-    victim.rename(hidden)
+    intact = victim.read_bytes()
+    victim.write_bytes(bytes(len(intact)))
     with pytest.raises(Exception, match="part"):
         run_job(parse_job_spec({**spec, "job_id": "cut"}), settings, log=lambda _: None)
     parts = len(catalog.shard_paths("cut", "ingest"))
     assert len(catalog.committed_parts("cut", "dedup_features")) < parts
-    hidden.rename(victim)
+    victim.write_bytes(intact)
     run_job(parse_job_spec({**spec, "job_id": "cut"}), settings, log=lambda _: None)
 
     def decisions(job):
@@ -257,6 +258,22 @@ def test_decisions_stream_shard_by_shard_to_the_same_result(features_job, tmp_pa
         features_job, 3, "three", scratch=tmp_path, map_slices=backwards, slice_rows=50
     )
     _same_decisions(whole, sliced)
+
+
+def test_the_stage_fans_the_copy_graph_and_hash_tables_out_as_ray_tasks(ray_local, features_job):
+    from curate.stages.dedup.stage import _HashTablesOn, _SlicesOn
+    from pipelines.executor import fan_out
+
+    whole = _decided(features_job, 1, "in-process")
+    fanned = _decided(
+        features_job,
+        2,
+        "fanned",
+        map_slices=_SlicesOn(fan_out),
+        slice_rows=64,
+        map_tables=_HashTablesOn(fan_out),
+    )
+    _same_decisions(whole, fanned)
 
 
 def test_streamed_hash_codes_equal_a_fit_on_all_features(features_job):

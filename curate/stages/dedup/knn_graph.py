@@ -11,12 +11,13 @@ Descriptors are unit-norm rows (float16 or float32), so inner product = cosine.
 
 Scale. The query side shards today: `copy_edges(map_slices=...)` cuts the queries into slices
 searched anywhere (`SliceSearch` pickles with its index, so Ray tasks share one copy of it in
-the object store), each slice's edges depend on its rows alone, and the union is deduplicated
-once. The index side is one IVF-PQ index: 64-byte codes, ~80 GB for 1.2B images, beyond one
-worker. The next step is database shards: one coarse quantizer and PQ trained once on a sample,
-the rows added to S shard indexes (faiss IndexShards, or one per worker), each query searching
-every shard for its k and keeping the best k overall, which is the same top-k as one index
-(the re-scoring on exact cosine already makes scores comparable across shards).
+the object store; the dedup stage fans slices out as Ray tasks past 100,000 images), each
+slice's edges depend on its rows alone, and the union is deduplicated once. The index side is
+one IVF-PQ index: 64-byte codes, ~80 GB for 1.2B images, beyond one worker. The next step is
+database shards: one coarse quantizer and PQ trained once on a sample, the rows added to S shard
+indexes (faiss IndexShards, or one per worker), each query searching every shard for its k and
+keeping the best k overall, which is the same top-k as one index (the re-scoring on exact cosine
+already makes scores comparable across shards).
 """
 
 import math

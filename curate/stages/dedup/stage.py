@@ -99,6 +99,29 @@ class _HashTablesOn:
         return self.fan_out(table_pairs, codes, [(radius, table) for table in range(count)])
 
 
+# Copy-graph queries per task: a job with more descriptors has its kNN search fanned out over
+# the cluster in slices of this many (each task reads the one shared copy of the index and the
+# descriptors from its node's object store); a smaller one searches in the deciding task.
+COPY_SLICE_ROWS = 100_000
+
+
+def _search_slice(search: Callable[[int, int], Any], start: int, stop: int) -> Any:
+    return search(start, stop)
+
+
+@dataclass(frozen=True)
+class _SlicesOn:
+    """The copy graph's query slices searched as parallel tasks sharing one copy of the search
+    (decide's `map_slices` hook); a single slice is searched in place."""
+
+    fan_out: Callable[[Callable[..., Any], Any, Sequence[Any]], list[Any]]
+
+    def __call__(self, search: Callable[[int, int], Any], slices: list[tuple[int, int]]) -> list:
+        if len(slices) == 1:
+            return [search(*slices[0])]
+        return self.fan_out(_search_slice, search, slices)
+
+
 class DedupStage(Stage):
     """Exact, PCA-hash and copy duplicates and eval-set copies, decided once for the whole job."""
 
@@ -131,6 +154,8 @@ class DedupStage(Stage):
             out_dir,
             scratch=Path(tempfile.gettempdir()),
             map_tables=_HashTablesOn(job.compute.fan_out),
+            map_slices=_SlicesOn(job.compute.fan_out),
+            slice_rows=COPY_SLICE_ROWS,
             copy_background=None if background is None else background.descriptors,
             background_beta=options.background_beta,
             thresholds=thresholds,
