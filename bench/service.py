@@ -292,7 +292,8 @@ def run(images: int) -> dict:
 def _without_tokens(data_root: Path, facts: dict, rng: random.Random) -> dict:
     """A diagnosis, not a target: the committing phase again for the three targeted requests
     with `curate serve --no-auth`, which shows what token checks cost while the catalog changes
-    (the service re-reads a token from the catalog after every catalog write)."""
+    (the service's token cache is keyed by a tokens stamp that only creating or revoking a token
+    changes, so a committing job should cost the token check nothing)."""
     port = _free_port()
     server = start_server(data_root, port, auth=False)
     base = f"http://127.0.0.1:{port}"
@@ -352,9 +353,9 @@ def report(result: dict) -> list[str]:
     lines += [
         "",
         "`committing, no tokens` is a diagnosis, not a target: the same server with "
-        "`--no-auth`. The service re-reads a token from the catalog after every catalog write "
-        "(services/api/auth.py, TokenCache), so while a job commits parts nearly every request "
-        "opens the catalog and waits for its lock.",
+        "`--no-auth`, to see what token checks cost while a job commits. The token cache "
+        "(services/api/auth.py) is keyed by a tokens stamp that only creating or revoking a "
+        "token changes: parts committed by a job do not empty it.",
         "",
         "| target | idle | committing |",
         "|---|---|---|",
