@@ -14,8 +14,6 @@ actor, so the actor only runs the model.
 """
 
 import itertools
-import os
-import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -29,47 +27,20 @@ from curate.core.atomic import remove_leftovers
 from curate.core.shards import PartResult
 from curate.core.stage import JobRun, Part, PartWork, Stage, Worker
 from curate.settings import Settings
-from schemas.errors import CurateError, ErrorKind
+from pipelines.failures import StageFailed, failure, is_cancel
+from pipelines.placement import (
+    check_schedulable,
+    node_cpus,
+    pool_placements,
+    resource_request,
+    round_the_nodes,
+    wait_all,
+    wait_one,
+    whole_node,
+)
 
 # Parts queued per stateful worker: the next part is already local when one finishes.
 _ACTOR_QUEUE = 2
-# While waiting on work, how often the driver checks that some live node can still run it: a
-# request no node can meet (its node died, or it never existed) is an error, never a hang.
-_RECHECK_S = 20.0
-
-
-class StageFailed(CurateError):
-    """A stage stopped: a part or a whole-stage step failed. It carries the kind and code of
-    the error that failed on the worker, when that was one of ours."""
-
-    code = "stage_failed"
-
-
-class JobCancelled(CurateError):
-    """The driver was asked to stop (SIGTERM: a cancel from the service, or `kill`): the stage
-    under way and the job are recorded `cancelled`; committed parts stay, and a re-run resumes."""
-
-    kind = ErrorKind.CONFLICT
-    code = "job_cancelled"
-
-
-class Unschedulable(StageFailed):
-    """No live node of the cluster has the resources a stage's work asks for."""
-
-    code = "unschedulable"
-
-
-# Set by the driver's SIGTERM handler (pipelines/job.py), which then raises KeyboardInterrupt:
-# the one exception Ray's blocking calls (ray.wait, ray.get) give way to; any other raised by a
-# signal handler inside them is swallowed and the wait goes on.
-STOP_REQUESTED = threading.Event()
-
-
-def is_cancel(error: BaseException) -> bool:
-    """Whether an exception is the driver's clean stop rather than a failure or a Ctrl-C."""
-    return isinstance(error, JobCancelled) or (
-        isinstance(error, KeyboardInterrupt) and STOP_REQUESTED.is_set()
-    )
 
 
 def init_ray(settings: Settings) -> None:
@@ -111,151 +82,10 @@ class PartProgress:
         self._bar.close()
 
 
-def _failure(label: str, error: BaseException) -> StageFailed:
-    """The error a worker raised (unwrapped from Ray's task and actor errors), as a StageFailed
-    naming where it happened."""
-    cause: BaseException = error
-    # A task error carries our exception; an actor that died in __init__ carries its task error.
-    while getattr(cause, "cause", None) is not None and cause.cause is not cause:
-        cause = cause.cause
-    kind = cause.kind if isinstance(cause, CurateError) else ErrorKind.INTERNAL
-    code = cause.code if isinstance(cause, CurateError) else None
-    return StageFailed(f"{label}: {type(cause).__name__}: {cause}", kind=kind, code=code)
-
-
-# -- placement ------------------------------------------------------------------------------------
-
-
-def _alive_nodes() -> list[dict]:
-    return [node for node in ray.nodes() if node.get("Alive")]
-
-
-def _whole_node() -> dict[str, float]:
-    """Ray resources of a one-off whole-stage task: the cores of the largest node (never the
-    cluster's sum, which no node has) and a GPU when that node has one.
-
-    A 1-CPU Ray task gets one OpenMP thread, so FAISS and BLAS would run single-threaded."""
-    nodes = _alive_nodes()
-    largest = max(
-        nodes,
-        key=lambda n: (n["Resources"].get("GPU", 0) >= 1, n["Resources"].get("CPU", 0)),
-        default=None,
-    )
-    if largest is None:
-        return {"num_cpus": 1, "num_gpus": 0}
-    cpus = int(largest["Resources"].get("CPU", 0))
-    gpu = largest["Resources"].get("GPU", 0) >= 1
-    return {"num_cpus": max(1, cpus), "num_gpus": 1 if gpu else 0}
-
-
-def _request(num_cpus: float = 0, num_gpus: float = 0) -> dict[str, float]:
-    """Ray's resource names for a task's or actor's num_cpus and num_gpus."""
-    return {"CPU": num_cpus, "GPU": num_gpus}
-
-
-def check_schedulable(label: str, request: dict[str, float]) -> None:
-    """Raise Unschedulable, naming the request and every live node's resources, when no live
-    node could ever run it; Ray itself would wait for such a node for ever."""
-    nodes = _alive_nodes()
-    wanted = {key: value for key, value in request.items() if value}
-    for node in nodes:
-        if all(node["Resources"].get(key, 0) >= value for key, value in wanted.items()):
-            return
-    have = "; ".join(
-        f"{node['NodeManagerAddress']} ({node['NodeID'][:8]}): "
-        + ", ".join(f"{k} {v:g}" for k, v in sorted(node["Resources"].items()) if k in request)
-        for node in nodes
-    )
-    raise Unschedulable(
-        f"{label}: no live node of the Ray cluster has "
-        + ", ".join(f"{k} {v:g}" for k, v in sorted(wanted.items()))
-        + f" for one task; live nodes: {have or 'none'}. Add such a node, or lower the stage's "
-        "resources (CURATE_NUM_CPUS / CURATE_NUM_GPUS for a local cluster); the job resumes "
-        "where it stopped."
-    )
-
-
-def _wait_one(refs: list, label: str, requests: Sequence[dict[str, float]]) -> Any:
-    """The first of `refs` to finish; fails instead of waiting for ever when no live node can
-    run one of `requests` any more."""
-    while True:
-        ready, _ = ray.wait(refs, num_returns=1, timeout=_RECHECK_S)
-        if ready:
-            return ready[0]
-        for request in requests:
-            check_schedulable(label, request)
-
-
-def _wait_all(refs: list, label: str, requests: Sequence[dict[str, float]]) -> None:
-    left = list(refs)
-    while left:
-        left.remove(_wait_one(left, label, requests))
-
-
-def _node_affinity(node_id: str):
-    """Place on `node_id` only: a worker of a node that died is lost, not moved (`_map_pool`)."""
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
-    return NodeAffinitySchedulingStrategy(node_id=node_id, soft=False)
-
-
-def _pool_placements(cpus: float, gpus_each: float, gpus: int) -> list[dict[str, Any]]:
-    """Ray options of each worker of a stateful pool: one per GPU; on a CPU-only cluster one
-    per node with a core to spare for load tasks, pinned there. A cluster of one-core nodes gets
-    one worker that reserves no core, sharing its node's with the load tasks: reserving it would
-    leave them none."""
-    if gpus:
-        return [{"num_cpus": cpus, "num_gpus": gpus_each} for _ in range(gpus)]
-    nodes = _alive_nodes()
-    roomy = [n for n in nodes if n["Resources"].get("CPU", 0) >= cpus + 1]
-    if roomy:
-        return [
-            {"num_cpus": cpus, "num_gpus": 0, "scheduling_strategy": _node_affinity(n["NodeID"])}
-            for n in roomy
-        ]
-    largest = max(nodes, key=lambda n: n["Resources"].get("CPU", 0), default=None)
-    strategy = {"scheduling_strategy": _node_affinity(largest["NodeID"])} if largest else {}
-    return [{"num_cpus": 0, "num_gpus": 0, **strategy}]
-
-
-def _round_the_nodes(cpus: float) -> Callable[[int], Any]:
-    """The placement of part k: the k-th of the live nodes' slots, a node having one slot per
-    task of `cpus` it runs at once, interleaved. Parts go round the nodes in proportion to their
-    cores, the same way on every run, instead of wherever Ray's scheduler prefers at the moment
-    (SPREAD left a stage's parts on one node of two now and then); soft, so the part of a node
-    that died runs elsewhere."""
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
-    nodes = [n for n in _alive_nodes() if n["Resources"].get("CPU", 0) >= max(cpus, 1e-9)]
-    per_node = {n["NodeID"]: max(1, int(n["Resources"]["CPU"] // max(cpus, 1))) for n in nodes}
-    slots = [
-        node
-        for rank in range(max(per_node.values(), default=0))
-        for node, count in per_node.items()
-        if rank < count
-    ]
-    if not slots:
-        return lambda _: "DEFAULT"
-    return lambda k: NodeAffinitySchedulingStrategy(node_id=slots[k % len(slots)], soft=True)
-
-
 def _stamped(result: PartResult) -> PartResult:
     """The part's result with the node that ran it (the catalog records it per part)."""
     result.node = ray.get_runtime_context().get_node_id()
     return result
-
-
-def _node_cpus() -> int:
-    """The CPUs this worker's node gives Ray, bounded by the cores the process may run on."""
-    node_id = ray.get_runtime_context().get_node_id()
-    cores = len(os.sched_getaffinity(0))
-    for node in ray.nodes():
-        if node["NodeID"] == node_id:
-            return max(1, min(cores, int(node["Resources"].get("CPU", cores))))
-    return cores
-
-
-# -- worker side ----------------------------------------------------------------------------------
 
 
 def _run_stateless(work: PartWork, inputs: Any, part: Part) -> PartResult:
@@ -278,7 +108,7 @@ class _PoolWorker:
         self.state: Any = None
         self.error: Exception | None = None
         try:
-            self.state = work.setup(inputs, Worker(cpus=1 if gpu else _node_cpus(), gpu=gpu))
+            self.state = work.setup(inputs, Worker(cpus=1 if gpu else node_cpus(), gpu=gpu))
         except Exception as error:
             self.error = error
 
@@ -300,19 +130,19 @@ class RayCompute:
         self.progress = progress
 
     def task(self, label: str, work: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        resources = _whole_node()
-        request = _request(**resources)
+        resources = whole_node()
+        request = resource_request(**resources)
         check_schedulable(label, request)
         ref = ray.remote(**resources)(work).remote(*args, **kwargs)
         try:
-            _wait_one([ref], label, [request])
+            wait_one([ref], label, [request])
         except BaseException:
             ray.cancel(ref)  # a stop, or no node left for it: no task left behind (only
             raise  # unfinished ones: Ray 2.60 aborts the driver cancelling a finished one)
         try:
             return ray.get(ref)
         except (ray.exceptions.RayTaskError, ray.exceptions.RayActorError) as error:
-            raise _failure(f"{label} failed", error) from None
+            raise failure(f"{label} failed", error) from None
 
     def fan_out(self, work: Callable[..., Any], shared: Any, items: Sequence[Any]) -> list[Any]:
         return fan_out(work, shared, items)
@@ -360,12 +190,12 @@ def _map_tasks(
 ) -> None:
     """One task per part, a bounded window of them in flight."""
     cpus = work.resources.cpus
-    requests = [_request(num_cpus=cpus)]
+    requests = [resource_request(num_cpus=cpus)]
     check_schedulable(label, requests[0])
     # Ray re-runs a part whose worker died (OOM, lost node); an exception raised by our own code
     # is a bug or an unreadable source and stops the stage instead.
     remote = ray.remote(num_cpus=cpus, max_retries=3)(_run_stateless)
-    place = _round_the_nodes(cpus)
+    place = round_the_nodes(cpus)
     # Two parts per slot keep every worker busy while the driver commits; the window bounds the
     # driver's memory whatever the number of parts.
     window = 2 * max(1, int(ray.cluster_resources().get("CPU", 1) // cpus))
@@ -381,12 +211,12 @@ def _map_tasks(
     try:
         fill()
         while pending:
-            ref = _wait_one(list(pending), label, requests)
+            ref = wait_one(list(pending), label, requests)
             part = pending.pop(ref)
             try:
                 result: PartResult = ray.get(ref)
             except ray.exceptions.RayTaskError as error:
-                raise _failure(f"{label} failed on {work.describe(part)}", error) from None
+                raise failure(f"{label} failed on {work.describe(part)}", error) from None
             commit(result)
             bar.committed(result)
             fill()
@@ -421,8 +251,8 @@ def _map_pool(
     shared = (ray.put(work), ray.put(inputs))
     actor_class = ray.remote(max_restarts=0, max_task_retries=0)(_PoolWorker)
     load = ray.remote(num_cpus=1, max_retries=3, num_returns=2)(_load)
-    place = _round_the_nodes(1)
-    load_request = _request(num_cpus=1)
+    place = round_the_nodes(1)
+    load_request = resource_request(num_cpus=1)
     check_schedulable(label, load_request)
 
     actors: dict[int, Any] = {}
@@ -440,8 +270,8 @@ def _map_pool(
                     f"{label}: lost every worker {_POOL_STARTS} times (their nodes died); "
                     "re-run the job to resume where it stopped"
                 )
-            placements = _pool_placements(work.resources.cpus, work.resources.gpus, gpus)
-            requests = [_request(placements[0]["num_cpus"], placements[0]["num_gpus"])]
+            placements = pool_placements(work.resources.cpus, work.resources.gpus, gpus)
+            requests = [resource_request(placements[0]["num_cpus"], placements[0]["num_gpus"])]
             requests.append(load_request)
             check_schedulable(label, requests[0])
             readiness = {}
@@ -450,14 +280,14 @@ def _map_pool(
                 actors[key] = actor_class.options(**placement).remote(*shared, bool(gpus))
                 queued[key] = 0
                 readiness[actors[key].ready.remote()] = key
-            _wait_all(list(readiness), label, requests)
+            wait_all(list(readiness), label, requests)
             for ref, key in readiness.items():
                 try:
                     ray.get(ref)
                 except _WORKER_LOST:
                     lose(key)  # its node went away while it started
                 except ray.exceptions.RayTaskError as error:
-                    raise _failure(f"{label}: {work.describe_setup(inputs)}", error) from None
+                    raise failure(f"{label}: {work.describe_setup(inputs)}", error) from None
 
     def lose(key: int) -> None:
         if key in actors:
@@ -492,13 +322,13 @@ def _map_pool(
         start_pool()
         fill()
         while loading or running:
-            ref = _wait_one([*loading, *running], label, requests)
+            ref = wait_one([*loading, *running], label, requests)
             if ref in loading:
                 part, loaded_ref = loading.pop(ref)
                 try:
                     ray.get(ref)
                 except ray.exceptions.RayTaskError as error:
-                    raise _failure(f"{label} failed on {work.describe(part)}", error) from None
+                    raise failure(f"{label} failed on {work.describe(part)}", error) from None
                 ready.append((part, loaded_ref))
             else:
                 part, key, payload = running.pop(ref)
@@ -509,7 +339,7 @@ def _map_pool(
                     ready.appendleft((part, payload))
                     start_pool()  # only when no worker is left
                 except ray.exceptions.RayTaskError as error:
-                    raise _failure(f"{label} failed on {work.describe(part)}", error) from None
+                    raise failure(f"{label} failed on {work.describe(part)}", error) from None
                 else:
                     queued[key] -= 1
                     commit(result)

@@ -8,14 +8,8 @@ from curate.catalog import Catalog
 from curate.core.stage import JobRun, Stage
 from curate.integrity import redo_damaged
 from curate.settings import Settings
-from pipelines.executor import (
-    STOP_REQUESTED,
-    JobCancelled,
-    RayCompute,
-    init_ray,
-    is_cancel,
-    run_stage,
-)
+from pipelines.executor import RayCompute, init_ray, run_stage
+from pipelines.failures import STOP_REQUESTED, JobCancelled, is_cancel
 from pipelines.registry import job_stages
 from schemas.errors import CurateError, ErrorKind
 from schemas.job import JobSpec, new_job_id

@@ -89,7 +89,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise UsageError("--source is required (or a --spec-file that names one)")
     spec = parse_job_spec(fields)
     # Imported only now: the stages bring torch and Ray, seconds a bad flag need not wait.
-    from pipelines.executor import JobCancelled, StageFailed
+    from pipelines.failures import JobCancelled, StageFailed
     from pipelines.job import run_job
 
     try:

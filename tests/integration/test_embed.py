@@ -26,7 +26,8 @@ from curate.stages.embed.embedder import (
 from curate.stages.embed.model import ModelSpec, WeightsError, check_spec, load_backbone
 from curate.stages.embed.stage import STAGE as EMBED_STAGE
 from curate.stages.embed.stage import EmbedInputs
-from pipelines.executor import RayCompute, StageFailed
+from pipelines.executor import RayCompute
+from pipelines.failures import StageFailed
 from schemas.shards import DEDUP, EMBED, ERRORS, INGEST
 from tests.images import encode, jpeg, photo, truncated_jpeg
 

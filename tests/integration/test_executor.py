@@ -13,7 +13,8 @@ import pytest
 from curate.catalog import Catalog
 from curate.core.shards import PartResult, shard_name, write_shard
 from curate.core.stage import JobRun, Plan, Resources, Stage, Worker
-from pipelines.executor import RayCompute, StageFailed, Unschedulable, run_stage
+from pipelines.executor import RayCompute, run_stage
+from pipelines.failures import StageFailed, Unschedulable
 from schemas.errors import DataError, ErrorKind, ModelError
 from schemas.job import parse_job_spec
 

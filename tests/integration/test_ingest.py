@@ -219,7 +219,7 @@ def test_demo_job_reports_every_planted_problem(ray_local, settings, tmp_path):
 
 
 def test_a_failing_part_fails_the_job_clearly_and_a_rerun_resumes(ray_local, settings, tmp_path):
-    from pipelines.executor import StageFailed
+    from pipelines.failures import StageFailed
 
     write_folder(tmp_path / "imgs", 4)
     spec = parse_job_spec({"source": str(tmp_path / "imgs"), "job_id": "f", "until": "ingest"})

@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from curate.catalog import Catalog
-from pipelines.executor import StageFailed
+from pipelines.failures import StageFailed
 from pipelines.job import run_job
 from schemas.job import parse_job_spec
 from tests.images import encode, photo
