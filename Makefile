@@ -53,15 +53,15 @@ endif
 demo: $(STAMP)
 	$(BIN)/curate demo $(DEMO_DIR)
 
-# The REST service and web UI on the demo job: the demo job is run first unless it is done, a
-# write token is made, and the service may read the demo corpus (a second job from the UI form).
+# The REST service and web UI on the demo job: the demo job is run first unless it is done, the
+# local write token (made once, kept 0600 beside the catalog, remade if revoked) is printed, and
+# the service may read the demo corpus (a second job from the UI form).
 serve: $(STAMP)
 	$(BIN)/curate demo $(DEMO_DIR)
 	$(BIN)/curate seeds add demo $(DEMO_DIR)/seeds/demo --policy $(DEMO_POLICY)
 	$(BIN)/curate jobs show demo --json 2>/dev/null | grep -q '"status": "done"' || \
 		$(BIN)/curate run --recipe demo --source $(DEMO_DIR)/crawl --seeds demo --job demo
-	@token=$$($(BIN)/curate tokens create --scope write --name "make serve" --json | \
-		$(BIN)/python -c 'import json, sys; print(json.load(sys.stdin)["token"])') && \
+	@token=$$($(BIN)/curate tokens local --scope write --name "make serve") && \
 		echo && echo "  open  http://127.0.0.1:$(PORT)/  and sign in with the write token" && \
 		echo "  token $$token" && echo
 	CURATE_SOURCE_ROOTS=$(DEMO_DIR) $(BIN)/curate serve --port $(PORT)
@@ -94,6 +94,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/dedup.py
 	$(BIN)/python bench/embed.py
 	$(BIN)/python bench/index.py
+	$(BIN)/python bench/index_shards.py
 	$(BIN)/python bench/pipeline.py
 	$(BIN)/python bench/projection.py
 	$(BIN)/python bench/train.py

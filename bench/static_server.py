@@ -1,8 +1,9 @@
 """A minimal HTTP/1.1 file server on 127.0.0.1 for the crawl benchmarks.
 
-Files are read once and kept in memory, and requests are parsed no further than the request
-line, so the server costs next to nothing per request and the benchmark measures the crawlers,
-not the server they share. Prints its port, then serves until killed.
+Every file is read into memory before the port is printed (so that no crawler, the first one
+run included, waits on the disk), and requests are parsed no further than the request line, so
+the server costs next to nothing per request and the benchmark measures the crawlers, not the
+server they share. Prints its port, then serves until killed.
 """
 
 import asyncio
@@ -47,7 +48,7 @@ class FileServer(asyncio.Protocol):
 
 async def serve(root: Path) -> None:
     loop = asyncio.get_running_loop()
-    cache: dict[str, bytes] = {}
+    cache = {f"/{p.relative_to(root)}": p.read_bytes() for p in root.rglob("*") if p.is_file()}
     server = await loop.create_server(lambda: FileServer(root, cache), "127.0.0.1", 0, backlog=1024)
     print(server.sockets[0].getsockname()[1], flush=True)
     await server.serve_forever()

@@ -17,7 +17,8 @@ from typing import Any
 import duckdb
 
 from curate.catalog_reports import JobReports
-from curate.catalog_service import ServiceRecords
+from curate.catalog_service import ServiceRecords, migrate_idempotency_keys
+from curate.core import storage
 from curate.core.shards import PartResult, ShardRef
 from curate.core.sql import path_list, quote_name
 from schemas.catalog import CATALOG_DDL, STAGE_VIEWS
@@ -75,6 +76,7 @@ class Catalog(JobReports, ServiceRecords):
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with self._transaction() as con:
             con.execute(CATALOG_DDL)
+            migrate_idempotency_keys(con)
 
     # -- plumbing -----------------------------------------------------------------------------
 
@@ -395,8 +397,11 @@ class Catalog(JobReports, ServiceRecords):
 
     # -- views --------------------------------------------------------------------------------
 
-    def refresh_views(self, job_id: str) -> None:
-        """(Re)create the job's SQL views over exactly its registered shards."""
+    def refresh_views(self, job_id: str, fetched: bool = False) -> None:
+        """(Re)create the job's SQL views over exactly its registered shards. DuckDB reads them
+        as local files: on an object store root, `curate sql` fetches them and calls this."""
+        if storage.is_remote(self.data_root) and not fetched:
+            return
         with self._transaction() as con:
             rows = con.execute(
                 "SELECT stage, kind, path FROM shards WHERE job_id = ? ORDER BY stage, kind, part",

@@ -20,8 +20,9 @@ from typing import Any, TypeVar
 
 import duckdb
 
-from curate.core import atomic
-from curate.core.sql import path_list, quote_name
+from curate.core import atomic, storage
+from curate.core.sql import quote_name
+from schemas.catalog import IDEMPOTENCY_DDL
 from schemas.errors import ConflictError, InternalError, NotFoundError
 from schemas.job import JobSpec, StageName
 
@@ -67,6 +68,28 @@ def _job_not_found(job_id: str, path: Path) -> Exception:
     from curate.catalog import JobNotFound  # the module this mixin is part of
 
     return JobNotFound(f"no job {job_id!r} in {path}")
+
+
+def migrate_idempotency_keys(con: duckdb.DuckDBPyConnection) -> None:
+    """A catalog from before idempotency keys had a scope (keyed by the key alone): its table
+    rebuilt with the scope in its key, its keys in the shared scope ''. DuckDB cannot change a
+    primary key in place. Run by `Catalog.__init__` after the DDL, in its transaction."""
+    columns = {
+        name
+        for (name,) in con.execute(
+            "SELECT column_name FROM information_schema.columns "
+            "WHERE table_schema = 'main' AND table_name = 'idempotency_keys'"
+        ).fetchall()
+    }
+    if "scope" in columns:
+        return
+    con.execute("ALTER TABLE idempotency_keys RENAME TO idempotency_keys_unscoped")
+    con.execute(IDEMPOTENCY_DDL)
+    con.execute(
+        "INSERT INTO idempotency_keys SELECT '', key, request_sha256, job_id, created_at "
+        "FROM idempotency_keys_unscoped"
+    )
+    con.execute("DROP TABLE idempotency_keys_unscoped")
 
 
 def token_sha256(secret: str) -> str:
@@ -179,18 +202,24 @@ class ServiceRecords:
     # -- jobs the service creates and drives --------------------------------------------------
 
     def create_job(
-        self, spec: JobSpec, idempotency_key: str | None = None, request_sha256: str = ""
+        self,
+        spec: JobSpec,
+        idempotency_key: str | None = None,
+        request_sha256: str = "",
+        scope: str = "",
     ) -> tuple[str, bool]:
         """Record a new job (status `created`); returns (job_id, created). With an idempotency
-        key already used for the same request, the job it created and False; for another
-        request, IdempotencyConflict."""
+        key this caller (`scope`: its token's id) already used for the same request, the job it
+        created and False; for another request, IdempotencyConflict. Another caller's keys
+        are not seen."""
         assert spec.job_id
 
         def create(con: duckdb.DuckDBPyConnection) -> tuple[str, bool]:
             if idempotency_key is not None:
                 row = con.execute(
-                    "SELECT request_sha256, job_id FROM idempotency_keys WHERE key = ?",
-                    [idempotency_key],
+                    "SELECT request_sha256, job_id FROM idempotency_keys "
+                    "WHERE scope = ? AND key = ?",
+                    [scope, idempotency_key],
                 ).fetchone()
                 if row is not None:
                     if row[0] != request_sha256:
@@ -211,8 +240,8 @@ class ServiceRecords:
             )
             if idempotency_key is not None:
                 con.execute(
-                    "INSERT INTO idempotency_keys VALUES (?, ?, ?, ?)",
-                    [idempotency_key, request_sha256, spec.job_id, now],
+                    "INSERT INTO idempotency_keys VALUES (?, ?, ?, ?, ?)",
+                    [scope, idempotency_key, request_sha256, spec.job_id, now],
                 )
             return spec.job_id, True
 
@@ -369,11 +398,15 @@ class ServiceRecords:
         """The error rows of the stages' registered errors shards: in pipeline order, then part
         and item order, from just after `after` = (stage rank, part, item)."""
         ranks = {stage.value: rank for rank, stage in enumerate(StageName)}
-        selects = [
-            f"SELECT {ranks[stage]} AS stage_rank, uri, stage, reason, detail, part, item "
-            f"FROM read_parquet({path_list(paths)}, union_by_name = true)"
+        shards = {
+            stage: storage.dataset(paths)
             for stage in stages
             if (paths := self.shard_paths(job_id, stage, "errors"))
+        }
+        selects = [
+            f"SELECT {ranks[stage]} AS stage_rank, uri, stage, reason, detail, part, item "
+            f"FROM {quote_name(stage + '_errors')}"
+            for stage in shards
         ]
         if not selects:
             return []
@@ -387,9 +420,12 @@ class ServiceRecords:
                 "(stage_rank > ? OR (stage_rank = ? AND (part > ? OR (part = ? AND item > ?))))"
             )
             params += [rank, rank, part, part, item]
-        # The shards are plain files: an in-memory DuckDB reads them without the catalog's lock.
+        # The shards are plain files (or objects): an in-memory DuckDB reads them in place,
+        # without the catalog's lock.
         con = duckdb.connect()
         try:
+            for stage, shard_set in shards.items():
+                con.register(f"{stage}_errors", shard_set)
             cur = con.execute(
                 f"SELECT * FROM ({' UNION ALL '.join(selects)}) WHERE {' AND '.join(where)} "
                 f"ORDER BY stage_rank, part, item LIMIT {int(limit)}",

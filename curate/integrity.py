@@ -16,7 +16,6 @@ what is redone): their catalog rows go and so does their folder, whose whole-sta
 """
 
 import os
-import shutil
 from collections import Counter
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
@@ -24,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from curate.catalog import Catalog
-from curate.core.shards import file_sha256
+from curate.core import storage
 from schemas.errors import DataError
 from schemas.job import StageName
 
@@ -67,13 +66,12 @@ class ShardCheck:
 def check_shard(path: Path, size: int, checksum: str | None = None) -> tuple[str, str]:
     """(state, detail) of one shard: missing, damaged (its size, or its sha256 when
     `checksum` is given, differs from the catalog's) or ok."""
-    try:
-        actual = os.stat(path).st_size
-    except FileNotFoundError:
+    actual = storage.size(path)  # of the store's object on an object store root
+    if actual is None:
         return MISSING, ""
     if actual != size:
         return DAMAGED, f"{actual} bytes, registered {size}"
-    if checksum is not None and file_sha256(path) != checksum:
+    if checksum is not None and storage.sha256(path) != checksum:
         return DAMAGED, SHA_DIFFERS
     return OK, ""
 
@@ -104,9 +102,10 @@ def check_job(
             shard["stage"], shard["kind"], shard["part"], shard["path"], state, detail
         )
 
-    if not full:
+    if not full and not storage.is_remote(catalog.data_root):
         return [check(shard) for shard in shards]
-    # hashlib gives up the GIL over large buffers: threads read and hash files side by side.
+    # hashlib gives up the GIL over large buffers, and a store's requests wait on the network:
+    # threads read and hash files (or ask an object store for sizes) side by side.
     with ThreadPoolExecutor(threads or min(8, os.cpu_count() or 1)) as pool:
         return list(pool.map(check, shards))
 
@@ -158,7 +157,7 @@ def forget_bad_parts(
         else:
             lines.append(f"{check.describe()}; redoing its stage whole")
     for name in reset:
-        shutil.rmtree(job_dir / name, ignore_errors=True)
+        storage.remove_tree(job_dir / name)
     found = [check.describe() for check in bad if check.stage == stage]
     more = f" (and {len(found) - _NAMED} more)" if len(found) > _NAMED else ""
     catalog.invalidate_parts(

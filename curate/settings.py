@@ -2,10 +2,11 @@
 
 from pathlib import Path
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from curate import __version__
+from curate.core.storage import StorageError, Store, register
 
 
 class CrawlSettings(BaseModel):
@@ -35,8 +36,18 @@ class Settings(BaseSettings):
         env_prefix="CURATE_", env_nested_delimiter="__", extra="forbid"
     )
 
-    data_root: Path = Path("./data")
-    catalog_path: Path | None = Field(None, description="default: DATA_ROOT/catalog.duckdb")
+    # A Path for a folder, the string itself for an object store URI (a Path would fold its
+    # "//"); code reads stored files under `root`, never under this.
+    data_root: Path | str = Field(
+        Path("./data"), description="a folder, or an object store URI (s3://bucket/prefix)"
+    )
+    catalog_path: Path | None = Field(
+        None, description="default: DATA_ROOT/catalog.duckdb (required with an object store root)"
+    )
+    cache_dir: Path | None = Field(
+        None, description="where a node mirrors an object store root; default: under $TMPDIR"
+    )
+    cache_gb: float = Field(64, gt=0, description="what one process keeps of what it fetched")
     ray_address: str | None = Field(None, description="join this Ray cluster; default local")
     num_cpus: int | None = Field(None, ge=1, description="CPUs for a local Ray; default all")
     num_gpus: int | None = Field(None, ge=0, description="GPUs for a local Ray; default all")
@@ -59,12 +70,41 @@ class Settings(BaseSettings):
         False, description="let the crawler reach private and loopback addresses (tests, intranets)"
     )
 
+    @field_validator("data_root", mode="before")
+    @classmethod
+    def _folder_or_uri(cls, value: object) -> object:
+        return value if "://" in str(value) else Path(str(value))
+
+    @property
+    def store(self) -> Store:
+        """The data root's store, registered in this process (curate.core.storage)."""
+        return register(Store.open(self.data_root, self.cache_dir, self.cache_gb))
+
+    @property
+    def root(self) -> Path:
+        """The local folder every stored path lives under (an object store's mirror)."""
+        return self.store.root
+
+    @property
+    def thumb_dir(self) -> Path:
+        """Thumbnails: a cache of this node, never uploaded to an object store root."""
+        return self.store.local / "thumbs"
+
     @property
     def catalog_file(self) -> Path:
-        return self.catalog_path or self.data_root / "catalog.duckdb"
+        if self.catalog_path is not None:
+            return self.catalog_path
+        store = self.store
+        if store.remote:
+            # DuckDB writes its file in place, which an object store cannot do.
+            raise StorageError(
+                f"CURATE_DATA_ROOT={self.data_root} is an object store: set CURATE_CATALOG_PATH "
+                "to a local (or shared-volume) file for the catalog"
+            )
+        return store.root / "catalog.duckdb"
 
     def job_dir(self, job_id: str) -> Path:
-        return self.data_root / "jobs" / job_id
+        return self.root / "jobs" / job_id
 
     def crawl_settings(self) -> CrawlSettings:
         """The crawl limits as shipped to workers, with the network policy folded in."""

@@ -23,6 +23,7 @@ from typing import Any
 import ray
 from tqdm import tqdm
 
+from curate.core import storage
 from curate.core.atomic import remove_leftovers
 from curate.core.shards import PartResult
 from curate.core.stage import JobRun, Part, PartWork, Stage, Worker
@@ -38,15 +39,17 @@ from pipelines.placement import (
     wait_one,
     whole_node,
 )
+from pipelines.shard_pool import RayShardPool, start_shard_pool
 
 # Parts queued per stateful worker: the next part is already local when one finishes.
 _ACTOR_QUEUE = 2
 
 
-def init_ray(settings: Settings) -> None:
-    """Join CURATE_RAY_ADDRESS's cluster, or start a local one; once per process."""
+def init_ray(settings: Settings) -> bool:
+    """Join CURATE_RAY_ADDRESS's cluster, or start a local one; once per process. Returns
+    whether this call did, and so whether its caller is the one to `stop_ray`."""
     if ray.is_initialized():
-        return
+        return False
     if settings.ray_address:
         ray.init(address=settings.ray_address, logging_level="WARNING")
     else:
@@ -56,6 +59,14 @@ def init_ray(settings: Settings) -> None:
             include_dashboard=False,
             logging_level="WARNING",
         )
+    return True
+
+
+def stop_ray() -> None:
+    """Stop the local Ray this process started, or leave the cluster it joined. Called by the
+    driver once its job is recorded: left to Ray's exit hook, the stop first sleeps half a
+    second for log lines that a driver of ours never waits for."""
+    ray.shutdown()
 
 
 class PartProgress:
@@ -88,11 +99,28 @@ def _stamped(result: PartResult) -> PartResult:
     return result
 
 
-def _run_stateless(work: PartWork, inputs: Any, part: Part) -> PartResult:
+# Every task and actor gets the driver's object store roots first (`Stores`), so that on any
+# node its reads fetch from, and its writes upload to, the job's store (curate.core.storage).
+Stores = tuple[storage.Store, ...]
+
+
+def _reach(stores: Stores) -> None:
+    for store in stores:
+        storage.register(store)
+
+
+def _call(stores: Stores, work: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    _reach(stores)
+    return work(*args, **kwargs)
+
+
+def _run_stateless(stores: Stores, work: PartWork, inputs: Any, part: Part) -> PartResult:
+    _reach(stores)
     return _stamped(work.run_part(work.setup(inputs, Worker(cpus=1, gpu=False)), part))
 
 
-def _load(work: PartWork, inputs: Any, part: Part) -> tuple[int, Any]:
+def _load(stores: Stores, work: PartWork, inputs: Any, part: Part) -> tuple[int, Any]:
+    _reach(stores)
     # Two returns: the driver waits on the small first one (and sees a failure there) without
     # ever fetching the loaded part, which goes straight from this worker to an actor.
     return part.index, work.load_part(inputs, part)
@@ -101,7 +129,8 @@ def _load(work: PartWork, inputs: Any, part: Part) -> tuple[int, Any]:
 class _PoolWorker:
     """One long-lived worker of a stateful stage: sets up once, then runs parts."""
 
-    def __init__(self, work: PartWork, inputs: Any, gpu: bool) -> None:
+    def __init__(self, stores: Stores, work: PartWork, inputs: Any, gpu: bool) -> None:
+        _reach(stores)
         self.work = work
         # A set-up that fails is reported by ready() as an ordinary task error carrying our own
         # exception; raised here it would reach the driver only as a traceback text.
@@ -128,12 +157,13 @@ class RayCompute:
 
     def __init__(self, progress: bool) -> None:
         self.progress = progress
+        self._pools: list[RayShardPool] = []
 
     def task(self, label: str, work: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         resources = whole_node()
         request = resource_request(**resources)
         check_schedulable(label, request)
-        ref = ray.remote(**resources)(work).remote(*args, **kwargs)
+        ref = ray.remote(**resources)(_call).remote(storage.registered(), work, *args, **kwargs)
         try:
             wait_one([ref], label, [request])
         except BaseException:
@@ -146,6 +176,23 @@ class RayCompute:
 
     def fan_out(self, work: Callable[..., Any], shared: Any, items: Sequence[Any]) -> list[Any]:
         return fan_out(work, shared, items)
+
+    def shard_pool(
+        self,
+        label: str,
+        open: Callable[[Any, Worker], Any],
+        shards: Sequence[Any],
+        *,
+        gpu: bool = False,
+    ) -> RayShardPool:
+        pool = start_shard_pool(label, open, shards, gpu)
+        self._pools.append(pool)
+        return pool
+
+    def close_pools(self) -> None:
+        """Stop the shard pools opened so far (run_stage: when their stage ends, however)."""
+        while self._pools:
+            self._pools.pop().close()
 
     def map_parts(
         self,
@@ -175,9 +222,9 @@ class RayCompute:
 
 def fan_out(work: Callable[..., Any], shared: Any, items: Sequence[Any]) -> list[Any]:
     """`[work(shared, *item) for item in items]` as Ray tasks sharing one copy of `shared`."""
-    shared_ref = ray.put(shared)
-    remote = ray.remote(work)
-    return ray.get([remote.remote(shared_ref, *item) for item in items])
+    shared_ref, stores = ray.put(shared), storage.registered()
+    remote = ray.remote(_call)
+    return ray.get([remote.remote(stores, work, shared_ref, *item) for item in items])
 
 
 def _map_tasks(
@@ -199,7 +246,7 @@ def _map_tasks(
     # Two parts per slot keep every worker busy while the driver commits; the window bounds the
     # driver's memory whatever the number of parts.
     window = 2 * max(1, int(ray.cluster_resources().get("CPU", 1) // cpus))
-    shared = (ray.put(work), ray.put(inputs))
+    shared = (storage.registered(), ray.put(work), ray.put(inputs))
     pending: dict[ray.ObjectRef, Part] = {}
 
     def fill() -> None:
@@ -248,7 +295,7 @@ def _map_pool(
     node) go to the others; a pool left with none is placed again on the nodes alive then."""
     resources = ray.cluster_resources()
     gpus = int(resources.get("GPU", 0)) if work.resources.gpus else 0
-    shared = (ray.put(work), ray.put(inputs))
+    shared = (storage.registered(), ray.put(work), ray.put(inputs))
     actor_class = ray.remote(max_restarts=0, max_task_retries=0)(_PoolWorker)
     load = ray.remote(num_cpus=1, max_retries=3, num_returns=2)(_load)
     place = round_the_nodes(1)
@@ -388,5 +435,9 @@ def run_stage(stage: Stage, job: JobRun) -> None:
                 job.job_id, name, status, time.perf_counter() - started, message=message
             )
             raise
+        finally:
+            # A stage's shard pools (its searchers' memory, their GPUs) end with the stage.
+            if isinstance(job.compute, RayCompute):
+                job.compute.close_pools()
         catalog.finish_stage(job.job_id, name, "done", time.perf_counter() - started, metrics)
     stage.finished(job)

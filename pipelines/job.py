@@ -8,7 +8,7 @@ from curate.catalog import Catalog
 from curate.core.stage import JobRun, Stage
 from curate.integrity import redo_damaged
 from curate.settings import Settings
-from pipelines.executor import RayCompute, init_ray, run_stage
+from pipelines.executor import RayCompute, init_ray, run_stage, stop_ray
 from pipelines.failures import STOP_REQUESTED, JobCancelled, is_cancel
 from pipelines.registry import job_stages
 from schemas.errors import CurateError, ErrorKind
@@ -57,7 +57,7 @@ def run_job(spec: JobSpec, settings: Settings, log=print) -> dict:
     redone, with every later stage."""
     spec = spec.model_copy(update={"job_id": spec.job_id or new_job_id()})
     assert spec.job_id
-    catalog = Catalog(settings.catalog_file, settings.data_root)
+    catalog = Catalog(settings.catalog_file, settings.root)
     job = JobRun(spec, settings, catalog, RayCompute(progress=settings.progress))
     stages = job_stages(spec)
     found = _check(job, stages)
@@ -70,8 +70,9 @@ def run_job(spec: JobSpec, settings: Settings, log=print) -> dict:
     catalog.set_job_status(spec.job_id, "running")
     STOP_REQUESTED.clear()
     previous = _cancel_on_sigterm()
+    started_ray = False
     try:
-        init_ray(settings)
+        started_ray = init_ray(settings)
         _cancel_on_sigterm()  # again: ray.init installs a SIGTERM handler of its own (sys.exit)
         for stage in stages:
             run_stage(stage, job)
@@ -91,5 +92,7 @@ def run_job(spec: JobSpec, settings: Settings, log=print) -> dict:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
         catalog.refresh_views(spec.job_id)
+        if started_ray:  # a Ray of this call's own (the tests share one across jobs)
+            stop_ray()
     catalog.set_job_status(spec.job_id, "done")
     return catalog.job_report(spec.job_id)

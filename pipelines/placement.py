@@ -1,9 +1,12 @@
 """Where a stage's work runs on the Ray cluster: the resources a whole-stage task asks for, the
-nodes parts go round, the workers of a stateful pool, and the check that some live node can
-still run what is asked (Ray itself would wait for such a node for ever)."""
+nodes parts go round, the workers of a stateful pool and of a shard pool, and the check that
+some live node can still run what is asked (Ray itself would wait for such a node for ever)."""
 
+import math
 import os
+from collections import Counter
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import ray
@@ -115,17 +118,61 @@ def round_the_nodes(cpus: float) -> Callable[[int], Any]:
     that died runs elsewhere."""
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+    slots = _node_slots(cpus)
+    if not slots:
+        return lambda _: "DEFAULT"
+    return lambda k: NodeAffinitySchedulingStrategy(node_id=slots[k % len(slots)], soft=True)
+
+
+def _node_slots(cpus: float) -> list[str]:
+    """The live nodes' ids, each once per task of `cpus` it runs at once, interleaved."""
     nodes = [n for n in alive_nodes() if n["Resources"].get("CPU", 0) >= max(cpus, 1e-9)]
     per_node = {n["NodeID"]: max(1, int(n["Resources"]["CPU"] // max(cpus, 1))) for n in nodes}
-    slots = [
+    return [
         node
         for rank in range(max(per_node.values(), default=0))
         for node, count in per_node.items()
         if rank < count
     ]
+
+
+@dataclass(frozen=True)
+class ShardPlacement:
+    """Where one actor of a shard pool runs: its Ray options, and the FAISS threads it uses."""
+
+    options: dict[str, Any]
+    threads: int
+    gpu: bool
+
+
+def shard_placements(count: int, gpu: bool) -> list[ShardPlacement]:
+    """The actors of a pool of `count` shards (pipelines/shard_pool.py).
+
+    With `gpu` on a cluster with GPUs: an equal share of a GPU each (a whole one when there are
+    enough), no CPU held. Otherwise round the nodes in proportion to their cores, as parts go,
+    softly pinned (a lost actor starts again elsewhere), holding no CPU (Ray's default for an
+    actor that names no resources: it needs a node with a CPU to start on, and holds none
+    while it runs), each with FAISS threads for its share of its node's cores."""
+    gpus = int(ray.cluster_resources().get("GPU", 0)) if gpu else 0
+    if gpus:
+        share = 1 / math.ceil(count / gpus)
+        return [ShardPlacement({"num_cpus": 0, "num_gpus": share}, 1, True)] * count
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    slots = _node_slots(1)
     if not slots:
-        return lambda _: "DEFAULT"
-    return lambda k: NodeAffinitySchedulingStrategy(node_id=slots[k % len(slots)], soft=True)
+        return [ShardPlacement({}, 1, False)] * count
+    nodes = [slots[k % len(slots)] for k in range(count)]
+    cores = {n["NodeID"]: int(n["Resources"].get("CPU", 1)) for n in alive_nodes()}
+    on_node = Counter(nodes)
+    return [
+        ShardPlacement(
+            {"scheduling_strategy": NodeAffinitySchedulingStrategy(node_id=node, soft=True)},
+            max(1, cores.get(node, 1) // on_node[node]),
+            False,
+        )
+        for node in nodes
+    ]
 
 
 def node_cpus() -> int:

@@ -1,8 +1,25 @@
-"""DDL of the DuckDB catalog. Tables only grow columns; a migration adds them with defaults."""
+"""DDL of the DuckDB catalog. Tables only grow columns; a migration adds them with defaults (one
+table was rebuilt once, to change its key: idempotency_keys)."""
 
 from schemas.job import StageName
 
-CATALOG_DDL = """
+# POST /v1/jobs with an Idempotency-Key: the job it created and the body it was created from, per
+# caller (scope: the API token's id; '' for a service without auth), so one caller's key never
+# answers another's request. A catalog from before scopes is migrated by
+# `curate.catalog_service.migrate_idempotency_keys` (its keys keep scope '').
+IDEMPOTENCY_DDL = """
+CREATE TABLE IF NOT EXISTS idempotency_keys (
+    scope           VARCHAR NOT NULL,      -- api_tokens.token_id, or '' with auth off
+    key             VARCHAR NOT NULL,
+    request_sha256  VARCHAR NOT NULL,      -- of the request body as canonical JSON
+    job_id          VARCHAR NOT NULL,
+    created_at      TIMESTAMP NOT NULL,
+    PRIMARY KEY (scope, key)
+);
+"""
+
+CATALOG_DDL = (
+    """
 CREATE TABLE IF NOT EXISTS jobs (
     job_id      VARCHAR PRIMARY KEY,
     spec        JSON NOT NULL,
@@ -81,13 +98,9 @@ CREATE TABLE IF NOT EXISTS api_tokens (
     created_at  TIMESTAMP NOT NULL,
     revoked_at  TIMESTAMP
 );
--- POST /v1/jobs with an Idempotency-Key: the job it created and the body it was created from.
-CREATE TABLE IF NOT EXISTS idempotency_keys (
-    key             VARCHAR PRIMARY KEY,
-    request_sha256  VARCHAR NOT NULL,      -- of the request body as canonical JSON
-    job_id          VARCHAR NOT NULL,
-    created_at      TIMESTAMP NOT NULL
-);
+"""
+    + IDEMPOTENCY_DDL
+    + """
 -- The process running a job the service started: its latest launch only.
 CREATE TABLE IF NOT EXISTS job_drivers (
     job_id      VARCHAR PRIMARY KEY,
@@ -99,6 +112,7 @@ CREATE TABLE IF NOT EXISTS job_drivers (
     log_path    VARCHAR                    -- process drivers: stdout and stderr
 );
 """
+)
 
 # Views over the registered shards of one job, created in the job's own schema (e.g. "demo".ingest).
 # `{data}` and `{errors}` stand for read_parquet([...]) over the stage's registered shards, never a

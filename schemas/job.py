@@ -151,6 +151,12 @@ class ClusterOptions(BaseModel):
     seed: int = 0
 
 
+# Crawl images per kNN index shard by default. A shard's searcher holds its IVF-PQ codes, the
+# float16 copy that re-ranking reads (2d bytes a vector: 2.5 KiB at ViT-H's 1280-d) and its keys:
+# ~28 GB at 10M, a node's share of memory; 1.2B images make 120 shards.
+INDEX_SHARD_ROWS = 10_000_000
+
+
 class RetrieveOptions(BaseModel):
     """The kNN index over the crawl and the cluster-based retrieval rule."""
 
@@ -162,6 +168,16 @@ class RetrieveOptions(BaseModel):
     nlist: int | None = Field(None, ge=1, description="IVF lists (default: from the crawl size)")
     pq_m: int | None = Field(None, ge=1, description="PQ sub-quantizers (default: from dim)")
     nprobe: int | None = Field(None, ge=1, description="IVF lists probed per query")
+    # The crawl is cut by id range (runs of embed shards), so never more shards than embed parts.
+    index_shards: int | None = Field(
+        None,
+        ge=1,
+        description="kNN index shards, each built and searched by a worker of its own "
+        "(default: one per index_shard_rows images)",
+    )
+    index_shard_rows: int = Field(
+        INDEX_SHARD_ROWS, ge=1, description="crawl images per kNN index shard by default"
+    )
     # DINOv2: "clusters that contain more than 3 images of the seed set".
     min_seeds: int = Field(3, ge=0, description="a cluster needs more seed images than this")
     seed: int = 0

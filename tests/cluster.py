@@ -19,7 +19,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -30,6 +29,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+
+from tests.object_store import s3_env
+from tests.ports import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 ENTRYPOINT = ROOT / "docker" / "entrypoint.sh"
@@ -49,12 +51,6 @@ while True:
     time.sleep(0.5)
 print(json.dumps([n["NodeID"] for n in fresh]))
 """
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @dataclass
@@ -77,6 +73,8 @@ class RayCluster:
     token: str = field(default_factory=lambda: secrets.token_hex(32))
     # Ray's session folder, short: its socket paths must fit AF_UNIX's 107 bytes.
     session_root: str = field(default_factory=lambda: tempfile.mkdtemp(prefix="ray-", dir="/tmp"))
+    # What every node's container would carry besides: the object store's address and keys.
+    extra_env: dict[str, str] = field(default_factory=dict)
 
     @property
     def address(self) -> str:
@@ -97,6 +95,7 @@ class RayCluster:
             "RAY_AUTH_MODE": "token",
             "RAY_AUTH_TOKEN": self.token,
             "RAY_DEDUP_LOGS": "0",
+            **self.extra_env,
         }
 
     def _start(self, name: str, role: str, env: dict[str, str], *flags: str) -> Node:
@@ -233,9 +232,10 @@ def curate_on(
 
 
 @pytest.fixture(scope="module")
-def ray_cluster(tmp_path_factory) -> Iterator[RayCluster]:
-    """A head (no CPU) and two worker nodes of WORKER_CPUS each, `node_a` and `node_b`."""
-    cluster = RayCluster(tmp_path_factory.mktemp("ray-cluster"))
+def ray_cluster(tmp_path_factory, s3_server) -> Iterator[RayCluster]:
+    """A head (no CPU) and two worker nodes of WORKER_CPUS each, `node_a` and `node_b`, every
+    node with the S3-compatible server's variables (tests/object_store.py)."""
+    cluster = RayCluster(tmp_path_factory.mktemp("ray-cluster"), extra_env=s3_env(s3_server))
     try:
         cluster.start_head()
         cluster.add_worker("node_a")

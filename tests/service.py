@@ -14,7 +14,6 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -31,6 +30,7 @@ from curate.demo import generate_demo
 from curate.settings import CrawlSettings, Settings
 from services.api.app import create_app
 from services.api.settings import ServiceSettings
+from tests.cli import run_curate
 
 DEMO_COUNT = 120
 DEMO_POLICY = "as-is+knn:4+cluster:25+balanced:200"
@@ -91,16 +91,26 @@ def _kill_drivers(app: Any) -> None:
 
 def curate_cli(*args: str, data_root: Path, check: bool = True) -> subprocess.CompletedProcess:
     """The `curate` command on the tests' data root."""
-    result = subprocess.run(
-        [sys.executable, "-m", "services.cli.main", *args],
-        env={**os.environ, "CURATE_DATA_ROOT": str(data_root), "CURATE_PROGRESS": "0"},
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    if check:
-        assert result.returncode == 0, result.stderr[-3000:]
-    return result
+    env = {**os.environ, "CURATE_DATA_ROOT": str(data_root), "CURATE_PROGRESS": "0"}
+    return run_curate(*args, env=env, code=0 if check else None, timeout=120)
+
+
+def wait_for_api(client: httpx.Client, server: subprocess.Popen, log: Path | None = None) -> None:
+    """Until a service started as a process answers (a bounded wait for it to start, not a
+    timing under test); fails at once, with its log, if it exits."""
+
+    def said() -> str:
+        return log.read_text()[-3000:] if log is not None else "(no log)"
+
+    for _ in range(240):
+        assert server.poll() is None, f"the service exited: {said()}"
+        try:
+            if client.get("/v1/jobs").status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.5)
+    raise AssertionError(f"the service did not start: {said()}")
 
 
 # -- server-sent events ---------------------------------------------------------------------------

@@ -31,11 +31,13 @@ from pathlib import Path
 from typing import Any
 
 import duckdb
+import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from curate.browse import seeds
+from curate.core import storage
 from curate.core.atomic import atomic_path
-from curate.core.sql import literal
 from curate.stages.cluster.centroids import CENTROIDS
 from schemas.job import StageName
 
@@ -77,11 +79,10 @@ def results_key(inputs: JobInputs) -> str | None:
     if not done:
         return None
     centroids = inputs.job_dir / StageName.CLUSTER / CENTROIDS
-    stat = centroids.stat() if centroids.exists() else None
     return "results-" + _digest(
         LAYOUT,
         {stage: inputs.shards.get(stage, []) for stage in done},
-        (stat.st_size, stat.st_mtime_ns) if stat else None,
+        storage.version(centroids),
         inputs.pin,
     )
 
@@ -146,11 +147,10 @@ def location_sources(inputs: JobInputs) -> list[tuple[str, Path, Path]]:
         ("crawl", path.absolute(), folder / f"crawl-{part:06d}-{_digest(LAYOUT, checksum)}.parquet")
         for part, path, checksum in inputs.shards.get(StageName.INGEST, [])
     ]
-    for name, paths in sorted(seeds.seed_ingest_shards(inputs.pin).items()):
+    for name, paths in sorted(seeds.seed_ingest_shards(inputs.pin, inputs.data_root).items()):
         for path in paths:
-            if path.exists():
-                stat = path.stat()
-                key = _digest(LAYOUT, str(path.absolute()), stat.st_size, stat.st_mtime_ns)
+            if (stored := storage.version(path)) is not None:
+                key = _digest(LAYOUT, str(path.absolute()), *stored)
                 sources.append((name, path.absolute(), folder / f"seed-{name}-{key}.parquet"))
     return sources
 
@@ -160,11 +160,14 @@ def shard_locations(shard: Path, index: Path) -> Path:
     occurrence in the shard (repeats within a part store null bytes), its format and uri."""
     if index.exists():
         return index
+    # The small columns only, read in place: the image bytes stay in the shard (or the store).
+    rows = storage.read_table(shard, ["image_id", "item", "format", "uri"])
+    rows = rows.append_column("row", pa.array(np.arange(rows.num_rows, dtype=np.int64)))
     with atomic_path(index) as tmp, connect() as con:
+        con.register("shard", rows)
         copy_to_parquet(
             con,
-            "SELECT image_id, file_row_number AS row, format, uri "
-            f"FROM read_parquet({literal(str(shard))}, file_row_number = true) "
+            "SELECT image_id, row, format, uri FROM shard "
             "QUALIFY row_number() OVER (PARTITION BY image_id ORDER BY item) = 1 "
             "ORDER BY image_id",
             tmp,

@@ -19,6 +19,7 @@ import pyarrow.parquet as pq
 
 from curate.browse.errors import ClusterNotFound, ImageNotFound, ResultsNotFound, SeedNotFound
 from curate.browse.tables import RowRanges, SortedFile
+from curate.core import storage
 from curate.core.sql import literal
 from schemas.api import InvalidField, decode_cursor, encode_cursor
 
@@ -229,6 +230,6 @@ def dedup_groups(
 def curated_stats(job_dir: Path, job_id: str) -> Json:
     """The dataset card's numbers (job_dir/stats.json, written when the curated stage ends)."""
     path = job_dir / "stats.json"
-    if not path.exists():
+    if not storage.exists(path):
         raise ResultsNotFound(f"job {job_id!r} has no curated dataset yet")
-    return Json(path.read_text())
+    return Json(storage.fetch(path).read_text())

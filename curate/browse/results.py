@@ -16,8 +16,8 @@ import pyarrow as pa
 
 from curate.browse import seeds
 from curate.browse.build import JobInputs, connect, copy_to_parquet
+from curate.core import storage
 from curate.core.atomic import write_json, write_text
-from curate.core.sql import read_parquet
 from curate.stages.cluster.centroids import CENTROIDS
 from schemas.job import StageName
 
@@ -53,11 +53,12 @@ def _load(con: duckdb.DuckDBPyConnection, inputs: JobInputs) -> np.ndarray | Non
         paths = [path for _, path, _ in inputs.shards.get(stage, [])] if stage else []
         if stage and inputs.done(stage) and paths:
             names = ", ".join(column.split()[0] for column in columns.split(", "))
-            con.execute(f"INSERT INTO {table} SELECT {names} FROM {read_parquet(paths)}")
+            con.register(f"{table}_shards", storage.dataset(paths))
+            con.execute(f"INSERT INTO {table} SELECT {names} FROM {table}_shards")
     centroids_path = inputs.job_dir / StageName.CLUSTER / CENTROIDS
-    if not (inputs.done(StageName.CLUSTER) and centroids_path.exists()):
+    if not (inputs.done(StageName.CLUSTER) and storage.exists(centroids_path)):
         return None
-    centroids = np.load(centroids_path)
+    centroids = np.load(storage.fetch(centroids_path))
     embed_options = inputs.spec.get("embed", {})
     embed = seeds.seed_embed_shards(
         inputs.pin,

@@ -2,13 +2,13 @@
 ingest shards pinned with the job) and which of the job's clusters each seed image falls in (its
 embedding assigned to the job's centroids)."""
 
-import json
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 
+from curate.core import storage
 from curate.core.vectors import iter_embeddings
 from curate.stages.cluster.kmeans import assign
 from curate.stages.retrieve.pinning import PINNED_SEED_SETS
@@ -26,15 +26,18 @@ SEED_PLACES = pa.schema(
 def pinned(job_dir: Path, retrieve_dir: str = "retrieve") -> dict[str, Any] | None:
     """The job's pinned seed sets (curate/stages/retrieve/pinning.py), or None before retrieval."""
     path = job_dir / retrieve_dir / PINNED_SEED_SETS
-    return json.loads(path.read_text()) if path.exists() else None
+    return storage.read_json(path) if storage.exists(path) else None
 
 
-def seed_ingest_shards(pin: dict[str, Any] | None) -> dict[str, list[Path]]:
+def seed_ingest_shards(pin: dict[str, Any] | None, data_root: Path) -> dict[str, list[Path]]:
     """seed set -> its ingest shards, in part order."""
     if not pin:
         return {}
     return {
-        name: [Path(path) for _, path in sorted(shards.items(), key=lambda kv: int(kv[0]))]
+        name: [
+            storage.resolve(path, data_root)
+            for _, path in sorted(shards.items(), key=lambda kv: int(kv[0]))
+        ]
         for name, shards in pin.get("ingest", {}).items()
     }
 
@@ -51,18 +54,22 @@ def seed_embed_shards(
     if not pin:
         return {}
     if "embed" in pin:
-        return {name: [Path(p) for p in paths] for name, paths in pin["embed"].items()}
+        return {
+            name: [storage.resolve(p, data_root) for p in paths]
+            for name, paths in pin["embed"].items()
+        }
     found: dict[str, list[Path]] = {}
     for entry in pin.get("seed_sets", []):
         name = entry["name"]
         prefix = f"{arch}@{image_size}:"
         candidates = []
-        for complete in (data_root / "seed_sets" / name).glob("embed-*/complete.json"):
-            manifest = json.loads(complete.read_text())
+        for complete in storage.listing(data_root / "seed_sets" / name, "embed-*/complete.json"):
+            manifest = storage.read_json(complete)
             if str(manifest.get("model", "")).startswith(prefix):
-                candidates.append((complete.stat().st_mtime, manifest["shards"]))
+                modified = storage.version(complete)[1]  # listed: it is stored
+                candidates.append((modified, manifest["shards"]))
         if candidates:
-            found[name] = [Path(p) for p in max(candidates)[1]]
+            found[name] = [storage.resolve(p, data_root) for p in max(candidates)[1]]
     return found
 
 
@@ -71,7 +78,7 @@ def place_seeds(embed: dict[str, list[Path]], centroids: np.ndarray) -> pa.Table
     distance = 1 - cosine, as the cluster stage measures crawl images."""
     tables = [SEED_PLACES.empty_table()]
     for name, paths in sorted(embed.items()):
-        existing = [p for p in paths if p.exists()]
+        existing = [p for p in paths if storage.exists(p)]
         for block in iter_embeddings(existing):
             if not len(block):
                 continue

@@ -1,11 +1,11 @@
 """Seed and evaluation sets as a person browses them: the registry and the presets, with what is
 cached of each set under DATA_ROOT (`curate/stages/retrieve/seed_cache.py` writes the caches)."""
 
-import json
 from pathlib import Path
 from typing import Any
 
 from curate.catalog import Catalog
+from curate.core import storage
 from curate.stages.retrieve.seed_sets import PRESETS
 from schemas.errors import NotFoundError
 
@@ -19,14 +19,14 @@ def _cache(data_root: Path, name: str, location: str | None) -> dict[str, Any]:
     and the models its images are embedded with."""
     folder = data_root / "seed_sets" / name
     ingests = []
-    for complete in folder.glob("ingest-*/complete.json"):
-        manifest = json.loads(complete.read_text())
+    for complete in storage.listing(folder, "ingest-*/complete.json"):
+        manifest = storage.read_json(complete)
         if manifest.get("location") == location:
-            ingests.append((complete.stat().st_mtime, manifest))
+            ingests.append((storage.version(complete)[1], manifest))  # the newest wins
     newest = max(ingests, key=lambda pair: pair[0])[1] if ingests else None
     models = sorted(
-        json.loads(complete.read_text()).get("model", "")
-        for complete in folder.glob("embed-*/complete.json")
+        storage.read_json(complete).get("model", "")
+        for complete in storage.listing(folder, "embed-*/complete.json")
     )
     return {
         "images": newest["images"] if newest else None,

@@ -26,6 +26,7 @@ from curate.browse.queries import ResultsIndex
 from curate.browse.results import build_results
 from curate.browse.tables import OpenFiles
 from curate.catalog import Catalog, JobNotFound
+from curate.core import storage
 from curate.settings import Settings
 from schemas.errors import DataError
 
@@ -67,7 +68,7 @@ class Browser:
     ) -> None:
         self.settings = settings
         self.catalog = catalog
-        self.thumb_dir = thumb_dir or settings.data_root / "thumbs"
+        self.thumb_dir = thumb_dir or settings.thumb_dir
         self.recheck_s = recheck_s
         self.settled_s = settled_s
         self._jobs: dict[str, _Job] = {}
@@ -91,7 +92,7 @@ class Browser:
         return build.JobInputs(
             job_id=job_id,
             job_dir=self.settings.job_dir(job_id),
-            data_root=self.settings.data_root,
+            data_root=self.settings.root,
             spec=raw["spec"],
             status=raw["status"],
             stages=raw["stages"],
@@ -106,7 +107,7 @@ class Browser:
         with self._lock:
             job = self._jobs.get(job_id)
             # A deleted job's folder goes with it: then no answer from the cached entry.
-            if job is not None and job.inputs.job_dir.exists():
+            if job is not None and storage.folder_exists(job.inputs.job_dir):
                 wait = self.settled_s if job.inputs.status in SETTLED else self.recheck_s
                 if job.stamp == stamp or now - job.checked < wait:
                     return job
@@ -169,7 +170,7 @@ class Browser:
                     for _, shard, index in sources:
                         try:
                             build.shard_locations(shard, index)
-                        except (OSError, duckdb.Error) as error:
+                        except (OSError, duckdb.Error, pa.ArrowException) as error:
                             job.locations_error = DataError(
                                 f"ingest shard {shard} of job {job_id!r} cannot be read: {error}",
                                 code="shard_unreadable",
@@ -177,6 +178,23 @@ class Browser:
                             raise job.locations_error from None
                     job.locations = sources
         return job.locations
+
+    def warm(self, job_id: str) -> bool:
+        """Build the job's indexes now, ahead of its first request (services/api/warm.py does
+        this in the background for jobs that have ended): the results index with its cluster
+        cards in memory, and every location index. False while this Browser still sees the
+        job at work (its entry predates the end): then try again later."""
+        if self._job(job_id).inputs.status not in SETTLED:
+            return False
+        try:
+            index = self.results(job_id)
+        except ResultsNotFound:
+            pass  # no result stage done: nothing to browse, but its images can be shown
+        else:
+            if "clusters" in index.meta["tables"]:
+                index.clusters()
+        self.locations(job_id)
+        return True
 
     def _candidate_jobs(self) -> list[str]:
         """Jobs that may hold an image: the ended ones newest first, then those at work (whose
@@ -232,12 +250,18 @@ class Browser:
     def original(self, location: Location) -> bytes:
         """The image's original bytes, checked against its id (the SHA-256 of those bytes)."""
         try:
-            data = self._images.read(location.path, location.row)
+            # On an object store root, the shard's copy in this node's mirror: a value costs
+            # a thousand 4-byte reads the first time, which must be local.
+            path = storage.fetch(location.path)
+        except OSError:
+            path = location.path
+        try:
+            data = self._images.read(path, location.row)
         except (Unsupported, OSError, IndexError, pa.ArrowException):
             data = None
         if data is None or hashlib.sha256(data).hexdigest() != location.image_id:
             # Not the layout pages.py reads (or a shard rewritten since): the ordinary way.
-            data = _read_row(location.path, location.row)
+            data = _read_row(path, location.row)
         if data is None or hashlib.sha256(data).hexdigest() != location.image_id:
             raise DataError(
                 f"the bytes of image {location.image_id} in {location.path} (row "

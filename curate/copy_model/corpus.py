@@ -74,7 +74,7 @@ def _job_images(job_id: str, settings: Settings) -> list[tuple[str, bytes]]:
             f"{job_id!r} is not a folder or glob, and there is no catalog at "
             f"{settings.catalog_file} to look it up as a job id"
         )
-    paths = Catalog(settings.catalog_file, settings.data_root).shard_paths(job_id, StageName.INGEST)
+    paths = Catalog(settings.catalog_file, settings.root).shard_paths(job_id, StageName.INGEST)
     if not paths:
         raise CorpusNotFound(f"{job_id!r} is not a folder, a glob, nor a job with ingest shards")
     found: dict[str, bytes] = {}

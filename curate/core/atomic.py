@@ -12,6 +12,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from curate.core import storage
+
 
 def temporary_name(path: Path) -> Path:
     """A unique hidden name beside `path`: same folder (so the rename is atomic), ignored by
@@ -20,10 +22,11 @@ def temporary_name(path: Path) -> Path:
 
 
 def publish(tmp: Path, path: Path) -> None:
-    """Flush `tmp` to disk and rename it onto `path`."""
+    """Flush `tmp` to disk and rename it onto `path`; on an object store root, upload it too."""
     with open(tmp, "rb+") as handle:
         os.fsync(handle.fileno())
     os.replace(tmp, path)
+    storage.upload(path)
 
 
 @contextmanager

@@ -6,15 +6,17 @@ shortlist 16 x k) and dedup's copy graph (`curate.stages.dedup.knn_graph`, with 
 pq_m and nprobe, rows scored as given): training on a sample, adding in blocks, moving to GPUs,
 searching, exact re-ranking, save and load.
 
-Path to cluster scale (1.2B images, LVD-142M), not built here because it cannot be tested on
-one CPU machine:
-- The index becomes sharded IVF-PQ: one coarse quantizer trained once on a sample
-  (`KnnIndex.train`), the crawl split into shards by part, each shard's codes added on its own
-  GPU (`index_cpu_to_all_gpus(..., shard=True)` within a node, one index file per node across
-  nodes), queries broadcast and the per-shard top-k merged. At 96 bytes a code 1.2B images are
-  ~115 GB of codes + 10 GB of ids: 2 nodes of 8 x 80 GB.
-- Exact re-ranking then reads the shortlist's vectors from the embed shards (by part and item)
-  or an on-disk float16 memmap instead of the in-memory copy kept here.
+Path to cluster scale (1.2B images, LVD-142M):
+- Built: retrieval's crawl index is sharded by id range (`curate/stages/retrieve/crawl_index.py`):
+  this class trains one empty index on a sample (`train`), each shard is a copy of it holding a
+  run of the crawl's embed shards, built and searched by an actor of its own (a GPU share when
+  the cluster has GPUs), and every query's per-shard k best are merged, so neither the codes
+  nor the keys are ever in one process. At 96 bytes a code 1.2B images are ~115 GB of codes
+  + 10 GB of ids, spread over 120 shards of 10M by default.
+- Not built: exact re-ranking reads the in-memory float16 copy kept here (2d bytes a vector:
+  2.5 KiB at 1280-d, ~25 GB a 10M shard), which dominates a shard's memory; it should read the
+  shortlist's vectors from the embed shards (by part and item) or an on-disk float16 memmap.
+  Dedup's copy graph (`curate.stages.dedup.knn_graph`) still builds one index in one task.
 """
 
 import json
@@ -35,6 +37,7 @@ from curate.core.faiss import (
     to_gpus,
     use_gpu,
 )
+from curate.core.storage import fetch
 from curate.core.vectors import BLOCK, check_dim, unit_rows
 
 log = logging.getLogger(__name__)
@@ -372,7 +375,7 @@ class KnnIndex:
     @classmethod
     def load(cls, path: Path, *, gpu: bool | None = None) -> "KnnIndex":
         """Read what `save` wrote, onto GPUs when FAISS sees them (gpu=None)."""
-        with np.load(path, allow_pickle=False) as data:
+        with np.load(fetch(path), allow_pickle=False) as data:
             meta = json.loads(str(data["meta"]))
             cpu_index = faiss.deserialize_index(data["index"])
             vectors = data["vectors"]

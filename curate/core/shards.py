@@ -1,6 +1,5 @@
 """Parquet shards that exist whole or not at all."""
 
-import hashlib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -9,6 +8,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from curate.core.atomic import publish, temporary_name
+from curate.core.storage import file_sha256
 
 _ROW_GROUP_ROWS = 1024
 
@@ -19,14 +19,6 @@ class ShardInfo:
     rows: int
     bytes: int
     checksum: str  # sha256 of the file
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _leaf_columns(

@@ -70,6 +70,28 @@ class Worker:
     gpu: bool
 
 
+class ShardPool(Protocol):
+    """Long-lived workers, one per shard of a structure too big for one process (the crawl's kNN
+    index), each holding its shard's state. A pool pickles: part steps get it in their inputs
+    and call it from wherever they run."""
+
+    def map(self, method: str, *args: Any) -> list[Any]:
+        """`[state.method(*args) for state in the shards' states]`, every shard at once, the
+        results in shard order; the arguments are sent once."""
+        ...
+
+
+class LocalPool:
+    """A ShardPool whose states are held in this process and called one after the other: for
+    part steps given no pool (unit tests, benchmarks), and what an executor's pool must match."""
+
+    def __init__(self, states: Sequence[Any]) -> None:
+        self.states = list(states)
+
+    def map(self, method: str, *args: Any) -> list[Any]:
+        return [getattr(state, method)(*args) for state in self.states]
+
+
 class Compute(Protocol):
     """What a stage's driver-side steps may ask of the executor."""
 
@@ -96,6 +118,21 @@ class Compute(Protocol):
     def fan_out(self, work: Callable[..., Any], shared: Any, items: Sequence[Any]) -> list[Any]:
         """`[work(shared, *item) for item in items]` as parallel tasks sharing one copy of
         `shared`; callable from inside a task too (dedup's hash tables are searched that way)."""
+        ...
+
+    def shard_pool(
+        self,
+        label: str,
+        open: Callable[[Any, Worker], Any],
+        shards: Sequence[Any],
+        *,
+        gpu: bool = False,
+    ) -> ShardPool:
+        """One long-lived worker per item of `shards`, placed round the nodes (with `gpu`, a
+        share of a GPU each when the cluster has GPUs): `open(shard, worker)` runs once on it,
+        and the pool's `map` calls methods of what it returned. Returns once every worker is
+        open. A worker lost with its node is opened again on another; the pool lives until
+        the stage ends."""
         ...
 
 

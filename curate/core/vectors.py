@@ -16,6 +16,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from curate.core.storage import parquet_file
+
 BLOCK = 65_536  # vectors searched or normalised at once: 256 MiB of float32 at 1024-d
 EMBED_COLUMNS = ["image_id", "part", "item", "embedding"]
 
@@ -119,7 +121,7 @@ def _embedding_matrix(column: pa.ChunkedArray | pa.Array, source: str) -> np.nda
 
 
 def _embed_file(path: Path) -> pq.ParquetFile:
-    handle = pq.ParquetFile(path)
+    handle = parquet_file(path)
     missing = [c for c in EMBED_COLUMNS if c not in handle.schema_arrow.names]
     if missing:
         raise ValueError(f"{path} is not an embed shard: no column {', '.join(missing)}")

@@ -8,8 +8,8 @@ import glob
 from pathlib import Path
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
+from curate.core import storage
 from curate.settings import Settings
 from schemas.errors import DataError, NotFoundError
 from schemas.job import StageName
@@ -33,7 +33,7 @@ class ShardsNotFound(NotFoundError, ShardsError):
 def shard_row_groups(path: Path) -> list[int]:
     """Rows per row group of a curated shard, read from its footer; ShardsError if unusable."""
     try:
-        metadata = pq.ParquetFile(path).metadata
+        metadata = storage.parquet_file(path).metadata
     except (OSError, pa.ArrowException) as error:
         raise ShardsError(f"{path}: not a readable Parquet file ({error})") from None
     schema = metadata.schema.to_arrow_schema()
@@ -59,7 +59,7 @@ def _job_shards(job_id: str, settings: Settings) -> list[Path]:
             "to look it up as a job id"
         )
     try:
-        paths = Catalog(catalog_file, settings.data_root).shard_paths(job_id, StageName.CURATED)
+        paths = Catalog(catalog_file, settings.root).shard_paths(job_id, StageName.CURATED)
     except CatalogError as error:
         raise ShardsError(f"job {job_id!r}: {error}") from None
     if not paths:
@@ -67,7 +67,7 @@ def _job_shards(job_id: str, settings: Settings) -> list[Path]:
             f"{job_id!r} is not a file, folder or glob, nor a job with curated shards in "
             f"{catalog_file}"
         )
-    missing = [path for path in paths if not path.is_file()]
+    missing = [path for path in paths if not storage.exists(path)]
     if missing:
         raise ShardsError(
             f"job {job_id!r}: {len(missing)} registered curated shard(s) missing, "
@@ -78,7 +78,7 @@ def _job_shards(job_id: str, settings: Settings) -> list[Path]:
 
 def resolve_shards(source: str, settings: Settings | None = None) -> list[Path]:
     """A folder of .parquet, a glob, a single file, or a job id (its `curated` shards through the
-    catalog, curate.catalog.Catalog(settings.catalog_file, settings.data_root).shard_paths(job,
+    catalog, curate.catalog.Catalog(settings.catalog_file, settings.root).shard_paths(job,
     "curated")). Raises ShardsError naming the source when nothing usable is found."""
     if not source:
         raise ShardsNotFound("no training data given: expected a folder, glob, file or job id")

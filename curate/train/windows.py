@@ -13,8 +13,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
+from curate.core import storage
 from curate.train.shards import IMAGE_COLUMN, ShardsError
 
 
@@ -123,7 +123,7 @@ def window_images(
         by_group.setdefault(slot, []).append((position, row - starts[slot]))
     out: dict[int, bytes | None] = {}
     try:
-        with pq.ParquetFile(path) as shard:
+        with storage.parquet_file(path) as shard:
             # Row group by row group: only one group's encoded images are in memory at once
             # besides the rows kept.
             for slot in sorted(by_group):

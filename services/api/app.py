@@ -15,9 +15,11 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
 from fastapi.staticfiles import StaticFiles
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
 from curate import __version__
+from curate.browse.store import Browser
 from curate.catalog import Catalog
 from curate.settings import Settings
 from schemas.api import ErrorBody, ErrorDetail, FieldMessage, Health
@@ -26,6 +28,7 @@ from services.api import auth, images, jobs, results, sets
 from services.api.auth import AuthError, TokenCache, authorize
 from services.api.manager import JobManager
 from services.api.settings import ServiceSettings
+from services.api.warm import IndexWarmer
 
 log = logging.getLogger("curate.api")
 
@@ -120,14 +123,22 @@ async def _no_route(request: Request) -> JSONResponse:
 def create_app(settings: Settings | None = None, service: ServiceSettings | None = None) -> FastAPI:
     settings = settings or Settings()
     service = service or ServiceSettings()
-    catalog = Catalog(settings.catalog_file, settings.data_root)
+    catalog = Catalog(settings.catalog_file, settings.root)
     manager = JobManager(settings, service, catalog)
+
+    browser = Browser(settings, catalog, service.thumb_dir)
+    warmer = IndexWarmer(browser, catalog)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         # Jobs whose driver died while no service watched read as failed from the start.
         manager.reconcile()
-        yield
+        if service.warm_indexes:
+            warmer.start()
+        try:
+            yield
+        finally:
+            await run_in_threadpool(warmer.stop)
 
     app = FastAPI(
         title="lvd-curate",
@@ -141,7 +152,9 @@ def create_app(settings: Settings | None = None, service: ServiceSettings | None
     app.state.catalog = catalog
     app.state.manager = manager
     app.state.tokens = TokenCache(catalog)
-    app.state.thumb_dir = service.thumb_dir or settings.data_root / "thumbs"
+    app.state.browser = browser
+    app.state.warmer = warmer
+    app.state.thumb_dir = service.thumb_dir or settings.thumb_dir
 
     app.add_exception_handler(CurateError, _curate_error)
     app.add_exception_handler(RequestValidationError, _validation_error)

@@ -12,6 +12,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Request, Response, status
 from fastapi.security import APIKeyCookie, HTTPAuthorizationCredentials, HTTPBearer
+from starlette.concurrency import run_in_threadpool
 
 from curate.catalog import Catalog
 from curate.catalog_service import token_sha256
@@ -58,16 +59,26 @@ class TokenCache:
         self._stamp: tuple | None = None
         self._tokens: dict[str, dict[str, Any] | None] = {}
 
-    def lookup(self, secret: str) -> dict[str, Any] | None:
+    def cached(self, secret: str) -> tuple[bool, dict[str, Any] | None]:
+        """(True, the token or None) when the cache knows the secret, else (False, None); reads
+        nothing but the stamp (one stat), so the event loop may call it."""
         key = token_sha256(secret)
-        # Before the read: a token change after it empties the cache.
         stamp = self.catalog.tokens_stamp()
         with self._lock:
             if stamp != self._stamp or len(self._tokens) > self._MAX:
                 self._tokens.clear()
                 self._stamp = stamp
             if key in self._tokens:
-                return self._tokens[key]
+                return True, self._tokens[key]
+        return False, None
+
+    def lookup(self, secret: str) -> dict[str, Any] | None:
+        known, token = self.cached(secret)
+        if known:
+            return token
+        key = token_sha256(secret)
+        # Before the read: a token change after it empties the cache.
+        stamp = self.catalog.tokens_stamp()
         token = self.catalog.token_for(secret)
         with self._lock:
             if stamp == self._stamp:
@@ -75,12 +86,16 @@ class TokenCache:
         return token
 
 
-def _credentials(
+async def _credentials(
     request: Request,
     bearer: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
     session: Annotated[str | None, Depends(_cookie)],
 ) -> dict[str, Any] | None:
-    """The caller's token record; None with auth off. Unauthenticated without a valid one."""
+    """The caller's token record; None with auth off. Unauthenticated without a valid one.
+
+    Async, and the catalog is read in a worker thread only on a cache miss: a sync dependency
+    costs every request a hop to the thread pool, which under load took more of the server's
+    time than the request itself (bench/service.py, py-spy)."""
     if not request.app.state.service.auth:
         return None
     secret = bearer.credentials if bearer is not None else session
@@ -89,7 +104,10 @@ def _credentials(
             "this service needs an API token: send `Authorization: Bearer <token>` "
             "(create one with `curate tokens create --scope read`)"
         )
-    token = request.app.state.tokens.lookup(secret)
+    tokens: TokenCache = request.app.state.tokens
+    known, token = tokens.cached(secret)
+    if not known:
+        token = await run_in_threadpool(tokens.lookup, secret)
     if token is None:
         raise Unauthenticated("the token is unknown or revoked")
     return token
@@ -103,16 +121,16 @@ def _needs(token: dict[str, Any] | None, scope: str) -> None:
         raise Forbidden(f"token {token['token_id']} is read-only; this request needs a write token")
 
 
-def require_read(token: Credentials) -> dict[str, Any] | None:
+async def require_read(token: Credentials) -> dict[str, Any] | None:
     return token
 
 
-def require_write(token: Credentials) -> dict[str, Any] | None:
+async def require_write(token: Credentials) -> dict[str, Any] | None:
     _needs(token, "write")
     return token
 
 
-def authorize(
+async def authorize(
     request: Request,
     bearer: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
     session: Annotated[str | None, Depends(_cookie)],
@@ -120,7 +138,7 @@ def authorize(
     """The app-wide guard: public routes pass, reads need `read`, the rest `write`."""
     if request.url.path in PUBLIC_PATHS:
         return
-    token = _credentials(request, bearer, session)
+    token = await _credentials(request, bearer, session)
     _needs(token, "read" if request.method in READ_METHODS else "write")
     request.state.token = token
 

@@ -21,7 +21,7 @@ from starlette.concurrency import run_in_threadpool
 from curate.catalog_service import TERMINAL
 from schemas.api import JobDetail
 from schemas.errors import CurateError
-from services.api.manager import JobManager
+from services.api.manager import POLL_STALE_S, JobManager
 from services.api.settings import ServiceSettings
 
 RETRY_MS = 2000
@@ -69,7 +69,7 @@ async def job_events(
             quiet_since = time.monotonic()
         await asyncio.sleep(service.events_poll_s)
         try:
-            detail = await run_in_threadpool(manager.detail, job_id)
+            detail = await run_in_threadpool(manager.detail, job_id, POLL_STALE_S)
         except CurateError as error:  # the job was deleted meanwhile
             yield _event("error", json.dumps({"error": error.to_dict()}))
             return

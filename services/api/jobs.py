@@ -4,7 +4,7 @@ and progress events. The work is the job manager's (manager.py); this module spe
 from datetime import UTC, datetime
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Header, Query, Response, status
+from fastapi import APIRouter, Header, Query, Request, Response, status
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import PlainTextResponse, StreamingResponse
 from pydantic import ValidationError
@@ -26,7 +26,7 @@ from schemas.api import (
 from schemas.job import JobSpec, StageName
 from services.api.deps import CatalogDep, Cursor, Limit, ManagerDep, ServiceDep
 from services.api.events import job_detail, job_events
-from services.api.manager import request_sha256
+from services.api.manager import POLL_STALE_S, request_sha256
 
 router = APIRouter(tags=["jobs"])
 
@@ -45,7 +45,10 @@ IdempotencyKey = Annotated[
     Header(
         min_length=1,
         max_length=200,
-        description="repeat a submission safely: the same key and body return the same job",
+        description=(
+            "repeat a submission safely: the same key and body from the same token return "
+            "the same job (keys are per token)"
+        ),
     ),
 ]
 
@@ -80,13 +83,17 @@ def _spec(body: JobRequest) -> tuple[JobSpec, dict[str, Any]]:
 )
 def submit_job(
     body: JobRequest,
+    request: Request,
     response: Response,
     manager: ManagerDep,
     idempotency_key: IdempotencyKey = None,
 ) -> JobDetail:
     spec, sent = _spec(body)
     manager.check_request(spec)
-    job_id, created = manager.submit(spec, idempotency_key, request_sha256(sent))
+    # Keys are per caller: another token's key of the same name is another request.
+    token = getattr(request.state, "token", None)
+    scope = token["token_id"] if token else ""
+    job_id, created = manager.submit(spec, idempotency_key, request_sha256(sent), scope)
     if not created:
         response.status_code = status.HTTP_200_OK
     return job_detail(manager.detail(job_id))
@@ -125,7 +132,7 @@ def list_jobs(
 
 @router.get("/jobs/{job_id}", responses=_ERRORS, summary="a job: status, stages, counts")
 def get_job(job_id: str, manager: ManagerDep) -> JobDetail:
-    return job_detail(manager.detail(job_id))
+    return job_detail(manager.detail(job_id, max_stale_s=POLL_STALE_S))
 
 
 @router.post(

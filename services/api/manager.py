@@ -18,7 +18,6 @@ killed once the driver has exited, and the whole group if the driver outlives th
 import hashlib
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -29,7 +28,9 @@ from pathlib import Path
 from typing import Any
 
 from curate.catalog import Catalog
+from curate.catalog_cache import CatalogCache
 from curate.catalog_service import ACTIVE
+from curate.core import storage
 from curate.core.atomic import write_text
 from curate.settings import Settings
 from curate.stages.ingest.confine import check_location
@@ -43,6 +44,9 @@ SPEC_NAME = "spec.json"
 # A driver recorded but never started (the service stopped in between) counts as gone after this.
 _START_GRACE_S = 120.0
 _LAST_WORDS_BYTES = 4096
+# How far behind the catalog a status poll (GET /v1/jobs/{id}, the event stream) may be while a
+# job commits parts faster than a loaded machine reads them (JobManager.detail).
+POLL_STALE_S = 0.5
 
 
 def request_sha256(body: Any) -> str:
@@ -54,7 +58,8 @@ def driver_env(settings: Settings, ray: bool = False) -> dict[str, str]:
     """The machine settings as CURATE_* variables for a driver, whatever they were read from."""
     env: dict[str, str] = {}
     values = settings.model_dump(mode="json", exclude={"progress"})
-    values["data_root"] = str(Path(settings.data_root).resolve())
+    store = settings.store
+    values["data_root"] = store.uri if store.remote else str(store.root.resolve())
     if settings.catalog_path is not None:
         values["catalog_path"] = str(Path(settings.catalog_path).resolve())
     for name, value in values.items():
@@ -114,6 +119,10 @@ class JobManager:
         self._lock = threading.Lock()
         self._children: dict[str, subprocess.Popen] = {}
         self._ray_client: Any = None
+        # Job details, read again only when the catalog changed: every client watching a job
+        # polls its status, and one read of the catalog costs ~40 ms of CPU and the lock the
+        # job's driver needs to commit.
+        self._details: CatalogCache[dict[str, Any]] = CatalogCache(catalog)
 
     # -- requests ---------------------------------------------------------------------------
 
@@ -138,12 +147,13 @@ class JobManager:
                 )
 
     def submit(
-        self, spec: JobSpec, idempotency_key: str | None, body_sha256: str
+        self, spec: JobSpec, idempotency_key: str | None, body_sha256: str, scope: str = ""
     ) -> tuple[str, bool]:
-        """Record the job and start its driver; returns (job_id, created). A repeated
-        idempotency key returns the job the first request created."""
+        """Record the job and start its driver; returns (job_id, created). An idempotency key
+        the same caller (`scope`: its token's id, '' with auth off) used before returns the
+        job its first request created."""
         spec = spec.model_copy(update={"job_id": spec.job_id or new_job_id()})
-        job_id, created = self.catalog.create_job(spec, idempotency_key, body_sha256)
+        job_id, created = self.catalog.create_job(spec, idempotency_key, body_sha256, scope)
         if created or self.catalog.job_driver(job_id) is None:
             # A repeat whose first request never got to start the driver starts it.
             self._launch(job_id)
@@ -167,23 +177,29 @@ class JobManager:
         job_dir = self.settings.job_dir(job_id)
         for shard in shards:
             if job_dir.resolve() not in shard.resolve().parents:
-                shard.unlink(missing_ok=True)
+                storage.remove(shard)
         with self._lock:
             self._children.pop(job_id, None)
         try:
-            shutil.rmtree(job_dir)
+            storage.remove_tree(job_dir, missing_ok=False)
         except FileNotFoundError:
             pass
         except OSError as error:  # the catalog has forgotten the job: say what is left
             raise InternalError(f"job {job_id} deleted, but not its folder: {error}") from error
 
-    def detail(self, job_id: str) -> dict[str, Any]:
-        """The job's catalog detail, after making sure a dead driver does not read running."""
-        detail = self.catalog.job_detail(job_id)
+    def detail(self, job_id: str, max_stale_s: float = 0.0) -> dict[str, Any]:
+        """The job's catalog detail, after making sure a dead driver does not read running.
+        Shared between requests (cached until the catalog changes): read it, never change it.
+        `max_stale_s` (status polls, POLL_STALE_S): it may be the catalog's state of up to
+        that long ago while another request reads the latest (curate/catalog_cache.py);
+        without it, the state after everything written before this call."""
+        detail = self._details.get(
+            job_id, lambda: self.catalog.job_detail(job_id), max_stale_s=max_stale_s
+        )
         driver = detail.get("driver")
         if driver and detail["status"] in ACTIVE and self._gone(driver):
-            self.reconcile(job_id)
-            detail = self.catalog.job_detail(job_id)
+            self.reconcile(job_id)  # a change of the catalog: the next read is a fresh one
+            detail = self._details.get(job_id, lambda: self.catalog.job_detail(job_id))
         return detail
 
     def log(self, job_id: str, offset: int, max_bytes: int = 1 << 20) -> tuple[bytes, int]:

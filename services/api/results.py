@@ -5,7 +5,6 @@ curated set's stats. The queries are curate/browse's; this module speaks HTTP.
 Every endpoint is 404 when the job, or the stage output it shows, does not exist (yet).
 """
 
-import threading
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Path, Query, Request, Response
@@ -27,20 +26,12 @@ _ERRORS = {
         422: "a parameter is invalid (named in error.field)",
     }.items()
 }
-_lock = threading.Lock()
 
 
 def get_browser(request: Request) -> Browser:
-    """The app's one Browser (curate/browse/store.py), made on first use: its caches of built
-    indexes and page layouts live as long as the app."""
-    state = request.app.state
-    browser = getattr(state, "browser", None)
-    if browser is None:
-        with _lock:
-            browser = getattr(state, "browser", None)
-            if browser is None:
-                browser = state.browser = Browser(state.settings, state.catalog, state.thumb_dir)
-    return browser
+    """The app's one Browser (curate/browse/store.py, made by create_app): its caches of built
+    indexes and page layouts live as long as the app, and its IndexWarmer builds through it."""
+    return request.app.state.browser
 
 
 def _json(body: queries.Json) -> Response:

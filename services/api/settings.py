@@ -1,6 +1,7 @@
 """The service's own settings (prefix CURATE_, like the machine settings in curate/settings.py):
 where it listens, whether it asks for tokens, which local folders a job submitted over HTTP may
-read, CORS, the thumbnail cache and the event stream's pacing."""
+read, CORS, the thumbnail cache, the event stream's pacing and whether ended jobs' browse indexes
+are built ahead of their first request."""
 
 from pathlib import Path
 from typing import Annotated, Any
@@ -29,11 +30,18 @@ class ServiceSettings(BaseSettings):
     cors_origins: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="origins allowed cross-site, ','-separated; none: no CORS"
     )
-    thumb_dir: Path | None = Field(None, description="thumbnail cache; default DATA_ROOT/thumbs")
+    thumb_dir: Path | None = Field(
+        None, description="thumbnail cache; default DATA_ROOT/thumbs (the node cache on a store)"
+    )
     heartbeat_s: float = Field(15.0, gt=0, description="event-stream heartbeat interval")
     events_poll_s: float = Field(1.0, ge=0.2, description="catalog polls of an event stream")
     cancel_grace_s: float = Field(
         120.0, gt=0, description="a cancelled driver still running after this is killed"
+    )
+    warm_indexes: bool = Field(
+        True,
+        description="build a job's browse indexes in the background when it ends (and, at "
+        "start, those of jobs that ended before) instead of on its first results request",
     )
 
     @field_validator("source_roots", mode="before")

@@ -17,4 +17,4 @@ def load_settings() -> Settings:
 
 
 def open_catalog(settings: Settings) -> Catalog:
-    return Catalog(settings.catalog_file, settings.data_root)
+    return Catalog(settings.catalog_file, settings.root)

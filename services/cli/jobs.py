@@ -7,6 +7,7 @@ import sys
 from typing import Any, TextIO
 
 from curate.catalog import JobNotFound
+from curate.core import storage
 from services.cli.common import load_settings, open_catalog
 from services.cli.errors import UsageError
 
@@ -148,6 +149,14 @@ def cmd_jobs_verify(args: argparse.Namespace) -> int:
 
 def cmd_sql(args: argparse.Namespace) -> int:
     catalog = open_catalog(load_settings())
+    if storage.is_remote(catalog.data_root):
+        # A job's views read its shard files: on an object store root, the mirror's copies,
+        # fetched here for the jobs the query names.
+        for job in catalog.list_jobs():
+            if job["job_id"] in args.query:
+                shards = catalog.registered_shards(job["job_id"])
+                storage.fetch_all(catalog.absolute(shard["path"]) for shard in shards)
+                catalog.refresh_views(job["job_id"], fetched=True)
     try:
         names, rows = catalog.query(args.query)
     except Exception as error:  # DuckDB's own message says what is wrong with the query

@@ -3,8 +3,8 @@
 import json
 import os
 import subprocess
-import sys
 
+from tests.cli import run_curate
 from tests.corpus import write_folder
 
 
@@ -15,16 +15,7 @@ def curate(*args: str, data_root, check_code: int | None = 0) -> subprocess.Comp
         "CURATE_NUM_CPUS": "1",
         "CURATE_PROGRESS": "0",
     }
-    result = subprocess.run(
-        [sys.executable, "-m", "services.cli.main", *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    if check_code is not None:
-        assert result.returncode == check_code, result.stderr[-3000:]
-    return result
+    return run_curate(*args, env=env, code=check_code, timeout=300)
 
 
 def test_run_list_show_and_sql(tmp_path):

@@ -3,7 +3,6 @@ checkpoint loads from CURATE_COPY_WEIGHTS and the copy pass runs at its calibrat
 
 import os
 import subprocess
-import sys
 
 import pytest
 
@@ -12,6 +11,7 @@ from curate.copy_model.corpus import load_corpus
 from curate.copy_model.train import train_copy_model
 from pipelines.job import run_job
 from schemas.job import parse_job_spec
+from tests.cli import run_curate
 from tests.images import encode, photo
 
 TINY_FLAGS = ("--steps", "3", "--batch-size", "4", "--size", "32")
@@ -19,16 +19,7 @@ TINY_FLAGS = ("--steps", "3", "--batch-size", "4", "--size", "32")
 
 def curate(*args: str, data_root, check_code: int | None = 0) -> subprocess.CompletedProcess:
     env = {**os.environ, "CURATE_DATA_ROOT": str(data_root), "CURATE_PROGRESS": "0"}
-    result = subprocess.run(
-        [sys.executable, "-m", "services.cli.main", *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    if check_code is not None:
-        assert result.returncode == check_code, result.stderr[-3000:]
-    return result
+    return run_curate(*args, env=env, code=check_code, timeout=300)
 
 
 @pytest.fixture(scope="module")

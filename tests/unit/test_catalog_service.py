@@ -64,6 +64,43 @@ def test_jobs_are_created_once_per_idempotency_key(catalog):
     assert catalog.job_status("a") == "created"
 
 
+def test_idempotency_keys_are_per_caller(catalog):
+    """The same key from two tokens is two requests; '' is the one scope of a service
+    without auth."""
+
+    def create(job_id: str, body: str, scope: str = "") -> tuple[str, bool]:
+        return catalog.create_job(JobSpec(source="/src", job_id=job_id), "k", body, scope)
+
+    assert create("a", "body", "tok-1") == ("a", True)
+    assert create("b", "body", "tok-2") == ("b", True)
+    assert create("c", "body", "tok-1") == ("a", False)
+    with pytest.raises(IdempotencyConflict):
+        create("c", "other body", "tok-2")
+    assert create("c", "body") == ("c", True)
+    assert create("d", "body") == ("c", False)
+
+
+def test_a_catalog_with_unscoped_keys_is_migrated(tmp_path):
+    """A catalog written before keys had a scope: its keys stay, in the shared scope."""
+    import duckdb
+
+    path = tmp_path / "catalog.duckdb"
+    con = duckdb.connect(str(path))
+    con.execute(
+        "CREATE TABLE idempotency_keys (key VARCHAR PRIMARY KEY, request_sha256 VARCHAR "
+        "NOT NULL, job_id VARCHAR NOT NULL, created_at TIMESTAMP NOT NULL)"
+    )
+    con.execute("INSERT INTO idempotency_keys VALUES ('old', 'body', 'a', now()::TIMESTAMP)")
+    con.close()
+    catalog = Catalog(path, tmp_path)
+    _, rows = catalog.query("SELECT scope, key, job_id FROM idempotency_keys")
+    assert rows == [("", "old", "a")]
+    assert catalog.create_job(JobSpec(source="/src", job_id="b"), "old", "body", "tok-1")[1]
+    Catalog(path, tmp_path)  # opening it again changes nothing
+    _, rows = catalog.query("SELECT scope, key FROM idempotency_keys ORDER BY scope")
+    assert rows == [("", "old"), ("tok-1", "old")]
+
+
 def test_drivers_claims_cancels_and_stops(catalog):
     catalog.create_job(JobSpec(source="/src", job_id="a"))
     first = catalog.claim_job("a", "process", "host", "/log")

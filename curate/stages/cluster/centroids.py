@@ -11,10 +11,11 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
+from curate.core import storage
 from curate.core.atomic import atomic_path
 from curate.core.shards import PartResult, ShardRef, shard_name, write_shard
+from curate.core.storage import fetch, parquet_file
 from curate.core.vectors import read_embeddings
 from curate.stages.cluster.hierarchy import Hierarchy, hierarchical_kmeans
 from curate.stages.cluster.kmeans import assign, clusters_for, train_kmeans
@@ -26,7 +27,7 @@ HIERARCHY = "hierarchy.npz"
 
 def embedded_rows(paths: list[Path]) -> int:
     """Rows of the EMBED shards, from their footers."""
-    return sum(pq.ParquetFile(path).metadata.num_rows for path in paths)
+    return sum(parquet_file(path).metadata.num_rows for path in paths)
 
 
 def fit_centroids(
@@ -45,7 +46,7 @@ def fit_centroids(
     if rows == 0:
         raise ValueError("nothing to cluster: the embed stage produced no embeddings")
     k = min(n_clusters or clusters_for(rows), rows)
-    if not path.exists():
+    if not storage.exists(path):
         started = time.perf_counter()
         sample = read_embeddings(embed_paths, sample=k * points_per_centroid, seed=seed)
         centroids = train_kmeans(
@@ -83,7 +84,7 @@ def fit_hierarchy(
     path = out_dir / HIERARCHY
     rows = embedded_rows(embed_paths)
     levels = [min(k, rows) for k in (levels or default_levels(rows, n_clusters))]
-    if not path.exists():
+    if not storage.exists(path):
         sample = read_embeddings(embed_paths, sample=levels[0] * points_per_centroid, seed=seed)
         hierarchy = hierarchical_kmeans(sample.vectors, levels, niter=niter, seed=seed)
         # Whole or not at all (Hierarchy.save is atomic): an existing file is reused as is by a
@@ -100,7 +101,7 @@ def cluster_part(part: ShardRef, centroids_path: Path, out_dir: Path) -> PartRes
     """Assign one embed part's images to their nearest centroids."""
     started = time.perf_counter()
     embedded = read_embeddings([part.path])
-    centroids = np.load(centroids_path)
+    centroids = np.load(fetch(centroids_path))
     cluster_ids, distances = assign(embedded.vectors, centroids)
     table = pa.table(
         {

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from curate.core.atomic import atomic_path
+from curate.core.storage import fetch
 from curate.core.vectors import BLOCK, unit_rows
 from curate.stages.cluster.kmeans import assign, spherical_kmeans
 
@@ -74,7 +75,7 @@ class Hierarchy:
     @classmethod
     def load(cls, path: Path) -> "Hierarchy":
         """Read what `save` wrote."""
-        with np.load(path, allow_pickle=False) as data:
+        with np.load(fetch(path), allow_pickle=False) as data:
             levels = int(data["levels"])
             return cls(
                 [data[f"centroids_{i}"] for i in range(levels)],

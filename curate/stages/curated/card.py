@@ -8,8 +8,8 @@ from typing import Any
 
 import duckdb
 
+from curate.core import storage
 from curate.core.atomic import write_json, write_text
-from curate.core.sql import read_parquet
 from schemas.job import StageName
 
 
@@ -27,8 +27,9 @@ def _size_histogram(sizes: Iterable[int]) -> list[dict[str, int]]:
 def _curated_stats(con: duckdb.DuckDBPyConnection, curated: list[Path]) -> dict[str, Any]:
     if not curated:
         return {"images": 0, "shards": 0, "per_seed_set": {}, "per_method": {}}
-    # Only the small columns are read: the image bytes never leave the files.
-    source = read_parquet(curated)
+    # Only the small columns are read: the image bytes never leave the files (nor the store).
+    con.register("curated_shards", storage.dataset(curated))
+    source = "curated_shards"
     images, similarity_mean, width, height, collided = con.execute(
         f"""
         SELECT count(*), avg(similarity), median(width), median(height),
@@ -47,7 +48,7 @@ def _curated_stats(con: duckdb.DuckDBPyConnection, curated: list[Path]) -> dict[
     return {
         "images": int(images),
         "shards": len(curated),
-        "bytes": sum(p.stat().st_size for p in curated),
+        "bytes": sum(storage.size(p) or 0 for p in curated),
         "mean_similarity": round(float(similarity_mean), 4) if images else None,
         "median_width": float(width) if images else None,
         "median_height": float(height) if images else None,
@@ -60,10 +61,11 @@ def _curated_stats(con: duckdb.DuckDBPyConnection, curated: list[Path]) -> dict[
 def _cluster_stats(con: duckdb.DuckDBPyConnection, cluster: list[Path]) -> dict[str, Any]:
     if not cluster:
         return {"clusters": 0, "images": 0, "size_histogram": []}
+    con.register("cluster_shards", storage.dataset(cluster))
     sizes = [
         int(n)
         for (n,) in con.execute(
-            f"SELECT count(*) FROM {read_parquet(cluster)} GROUP BY cluster_id ORDER BY 1"
+            "SELECT count(*) FROM cluster_shards GROUP BY cluster_id ORDER BY 1"
         ).fetchall()
     ]
     return {

@@ -4,8 +4,9 @@ Select writes them, scatter and gather read them; everything here is determinist
 inputs, reused by a resumed run, and deleted once every bucket is committed.
 """
 
-import shutil
 from pathlib import Path
+
+from curate.core import storage
 
 
 def select_dir(work_dir: Path) -> Path:
@@ -32,7 +33,7 @@ def scatter_path(work_dir: Path, source: int) -> Path:
 def remove_work_dir(work_dir: Path) -> None:
     """Delete the intermediate files (after every bucket is committed)."""
     for name in ("select", "scatter", "duckdb-tmp"):
-        shutil.rmtree(work_dir / name, ignore_errors=True)
+        storage.remove_tree(work_dir / name)
     try:
         work_dir.rmdir()
     except OSError:

@@ -7,7 +7,6 @@ per source ingest shard under `work_dir`, so each scatter task reads only its ow
 `curate.stages.curated.shuffle` for steps 2 and 3).
 """
 
-import json
 import math
 import shutil
 from dataclasses import dataclass, field
@@ -15,10 +14,10 @@ from pathlib import Path
 from typing import Any
 
 import duckdb
-import pyarrow.parquet as pq
 
+from curate.core import storage
 from curate.core.atomic import write_json
-from curate.core.sql import literal, read_parquet
+from curate.core.sql import literal
 from curate.stages.curated.layout import bucket_sources_path, remove_work_dir, select_dir
 from schemas.errors import DataError
 from schemas.shards import RETRIEVE
@@ -82,9 +81,9 @@ class Selection:
 
 def _check_retrieve_schemas(paths: list[Path]) -> None:
     for path in paths:
-        if not path.is_file():
+        if not storage.exists(path):
             raise SelectionError(f"retrieve shard {path} does not exist")
-        names = set(pq.read_schema(path).names)
+        names = set(storage.parquet_file(path).schema_arrow.names)
         missing = [name for name in RETRIEVE.names if name not in names]
         if missing:
             raise SelectionError(f"retrieve shard {path} lacks columns {missing}")
@@ -92,9 +91,9 @@ def _check_retrieve_schemas(paths: list[Path]) -> None:
 
 def _load_selection(work_dir: Path, inputs: dict[str, Any]) -> Selection | None:
     manifest = select_dir(work_dir) / "selection.json"
-    if not manifest.is_file():
+    if not storage.exists(manifest):
         return None
-    stored = json.loads(manifest.read_text())
+    stored = storage.read_json(manifest)
     if stored.get("inputs") != inputs:
         return None
     return Selection(
@@ -199,7 +198,8 @@ def _select_with(
     seed: int,
 ) -> Selection:
     columns = ", ".join(RETRIEVE.names)
-    con.execute(f"CREATE VIEW retrieve AS SELECT {columns} FROM {read_parquet(paths)}")
+    con.register("retrieve_shards", storage.dataset(paths))
+    con.execute(f"CREATE VIEW retrieve AS SELECT {columns} FROM retrieve_shards")
     methods = ", ".join(literal(m) for m in METHOD_PRIORITY)
     bad, unknown = con.execute(
         f"""
@@ -302,6 +302,10 @@ def _select_with(
         TO {literal(str(bucket_sources_path(work_dir)))} (FORMAT parquet, ROW_GROUP_SIZE 65536)
         """
     )
+    # DuckDB wrote these in place; on an object store root the scatter tasks on other nodes
+    # read them from the store (selection.json, written after, vouches for them).
+    for written in sorted(select_dir(work_dir).rglob("*.parquet")):
+        storage.upload(written)
     sources = [
         SourceShard(index=i, method=method, seed_set=seed_set, part=part, rows=rows)
         for i, method, seed_set, part, rows in con.execute(

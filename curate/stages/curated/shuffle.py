@@ -18,8 +18,8 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
+from curate.core import storage
 from curate.core.atomic import atomic_path
 from curate.core.shards import PartResult, shard_name, write_shard
 from curate.stages.curated.layout import bucket_sources_path, rows_dir, scatter_path
@@ -37,10 +37,10 @@ _PROVENANCE = ["image_id", "seed_set", "seed_id", "similarity", "method", "clust
 
 
 def _read_selected_rows(work_dir: Path, source: int) -> pa.Table:
-    files = sorted(rows_dir(work_dir, source).glob("*.parquet"))
+    files = storage.listing(rows_dir(work_dir, source), "*.parquet")
     if not files:
         raise FileNotFoundError(f"no selection rows for source {source} in {work_dir}")
-    return pa.concat_tables(pq.read_table(f) for f in files)
+    return pa.concat_tables(storage.read_table(f) for f in files)
 
 
 def _ingest_images(ingest: Path, wanted: set[str]) -> pa.Table:
@@ -48,7 +48,7 @@ def _ingest_images(ingest: Path, wanted: set[str]) -> pa.Table:
     found: list[pa.RecordBatch] = []
     seen: set[str] = set()
     wanted_array = pa.array(sorted(wanted), pa.string())
-    shard = pq.ParquetFile(ingest)
+    shard = storage.parquet_file(ingest)
     for batch in shard.iter_batches(
         batch_size=256, columns=["image_id", "uri", "image", "width", "height"]
     ):
@@ -194,15 +194,16 @@ def curated_schema() -> pa.Schema:
 
 
 def _bucket_sources(work_dir: Path, bucket: int) -> list[int]:
-    table = pq.read_table(
+    table = storage.read_table(
         bucket_sources_path(work_dir), columns=["source_id"], filters=[("bucket", "=", bucket)]
     )
     return sorted(table["source_id"].to_pylist())
 
 
 def _read_bucket_piece(path: Path, bucket: int) -> list[pa.RecordBatch]:
-    # A plain file, not a memory map: get_batch reads just these batches, into owned memory.
-    with pa.OSFile(str(path), "rb") as source:
+    # A plain file (or ranged reads of the object), not a memory map: get_batch reads just
+    # these batches, into owned memory.
+    with storage.open_input_file(path) as source:
         reader = pa.ipc.open_file(source)
         runs = {b: (first, n) for b, first, n in json.loads(reader.schema.metadata[b"buckets"])}
         if bucket not in runs:

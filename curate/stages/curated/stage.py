@@ -10,6 +10,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from curate.core import storage
 from curate.core.shards import PartResult
 from curate.core.stage import JobRun, PartWork, Plan, Stage
 from curate.stages.curated.card import dataset_stats, write_dataset_card
@@ -39,7 +40,7 @@ def _ingest_paths(job: JobRun) -> dict[str, Any]:
     retrieval pinned), every other method picked a crawl image."""
     return {
         "crawl": {s.index: s.path for s in job.shards(StageName.INGEST)},
-        "seeds": pinned_seed_ingest(job.stage_dir(StageName.RETRIEVE)),
+        "seeds": pinned_seed_ingest(job.stage_dir(StageName.RETRIEVE), job.settings.root),
     }
 
 
@@ -104,7 +105,9 @@ class CuratedStage(Stage):
             sources,
             label=f"{self.name} scatter",
             commit=lambda _result: None,
-            done=frozenset(s.index for s in sources if scatter_path(work_dir, s.index).is_file()),
+            done=frozenset(
+                s.index for s in sources if storage.exists(scatter_path(work_dir, s.index))
+            ),
             total=len(sources),
         )
 

@@ -9,10 +9,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import pyarrow.parquet as pq
 from PIL import Image
 from tqdm import tqdm
 
+from curate.core import storage
 from curate.core.atomic import publish, temporary_name
 from schemas.shards import CURATED
 
@@ -49,7 +49,7 @@ def image_extension(data: bytes) -> str:
 def _samples(paths: list[Path]) -> Iterator[tuple[str, bytes, dict[str, Any]]]:
     """(key, image bytes, provenance) of every curated row, in shard order, batch by batch."""
     for path in paths:
-        shard = pq.ParquetFile(path)
+        shard = storage.parquet_file(path)
         for batch in shard.iter_batches(batch_size=256, columns=["image", *_PROVENANCE]):
             images = batch.column("image").field("bytes").to_pylist()
             provenance = batch.select(_PROVENANCE).to_pylist()
@@ -135,10 +135,10 @@ def export_webdataset(
         raise ValueError(f"samples_per_tar must be at least 1, got {samples_per_tar}")
     paths = [Path(p) for p in curated_paths]
     for path in paths:
-        if not path.is_file():
+        if not storage.exists(path):
             raise FileNotFoundError(f"curated shard {path} does not exist")
     out_dir.mkdir(parents=True, exist_ok=True)
-    total = sum(pq.ParquetFile(p).metadata.num_rows for p in paths)
+    total = sum(storage.parquet_file(p).metadata.num_rows for p in paths)
     tars = _TarSequence(out_dir)
     bar = tqdm(total=total, desc="webdataset", unit="img", disable=not progress)
     try:

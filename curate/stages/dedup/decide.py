@@ -20,9 +20,9 @@ from typing import NamedTuple
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from curate.core.shards import PartResult, ShardRef, shard_name, write_shard
+from curate.core.storage import read_table
 from curate.stages.dedup.features import list_matrix
 from curate.stages.dedup.grouping import connected_components, representatives
 from curate.stages.dedup.knn_graph import MapSlices, contamination, copy_edges
@@ -78,7 +78,7 @@ def _distinct_images(feature_shards: list[Path]) -> _Images:
     """Only the small columns are read here: the vectors are streamed shard by shard later."""
     tables = []
     for shard, path in enumerate(feature_shards):
-        table = pq.read_table(path, columns=_KEYS)
+        table = read_table(path, _KEYS)
         tables.append(
             table.append_column(
                 "shard", pa.array(np.full(table.num_rows, shard, np.int64))
@@ -114,7 +114,7 @@ def _vectors_by_shard(
         k = by_shard[bounds[shard] : bounds[shard + 1]]
         if k.size == 0:
             continue
-        values = pq.read_table(path, columns=[column]).column(0).take(images.row[wanted[k]])
+        values = read_table(path, [column]).column(0).take(images.row[wanted[k]])
         if values.null_count:
             raise ValueError(
                 f"{path} has images without {column} where other parts have it: the feature "
@@ -133,7 +133,7 @@ def _hash_features(
 def _has_descriptors(feature_shards: list[Path]) -> bool:
     """Whether the copy pass ran: all shards agree (checked while streaming), so one tells."""
     for path in feature_shards:
-        column = pq.read_table(path, columns=["copy_descriptor"]).column(0)
+        column = read_table(path, ["copy_descriptor"]).column(0)
         if len(column):
             return column.null_count < len(column)
     return False
@@ -142,7 +142,7 @@ def _has_descriptors(feature_shards: list[Path]) -> bool:
 def _occurrences(ingest_shards: list[Path], image_ids: np.ndarray) -> np.ndarray:
     counts: dict[str, int] = {}
     for path in ingest_shards:
-        for image_id in pq.read_table(path, columns=["image_id"]).column(0).to_pylist():
+        for image_id in read_table(path, ["image_id"]).column(0).to_pylist():
             counts[image_id] = counts.get(image_id, 0) + 1
     return np.array([counts[i] for i in image_ids], dtype=np.int64)
 
@@ -181,7 +181,7 @@ def _hash_codes(
     8-16 bytes an image are held, not the 572-byte float features."""
     n = images.table.num_rows
     everyone = np.arange(n)
-    first = pq.read_table(feature_shards[images.shard[0]], columns=["hash_features"]).column(0)
+    first = read_table(feature_shards[images.shard[0]], ["hash_features"]).column(0)
     dim = len(first[int(images.row[0])])
     if options.hash == "phash":
         codes = np.zeros((n, -(-dim // 8)), np.uint8)
@@ -367,7 +367,7 @@ def write_decisions(shard: ShardRef, decisions: Decisions, out_dir: Path) -> Par
     """The dedup shard of one ingest shard: a row per occurrence, kept or not, and why."""
     started = time.perf_counter()
     part = shard.index
-    rows = pq.read_table(shard.path, columns=["image_id", "uri", "part", "item"])
+    rows = read_table(shard.path, ["image_id", "uri", "part", "item"])
     image_ids = rows.column("image_id").to_pylist()
     at = decisions.positions(image_ids)
     items = rows.column("item").to_numpy()

@@ -4,14 +4,12 @@ Copies of evaluation images are removed from the crawl (DINOv2's decontamination
 registered by name (`curate eval-sets add`) and shared by every job that names them.
 """
 
-import json
 from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
 
 from curate.catalog import Catalog
-from curate.core import atomic
+from curate.core import atomic, storage
 from curate.core.shards import PartResult, ShardRef
 from curate.core.stage import JobRun, PartWork
 from curate.settings import Settings
@@ -36,7 +34,7 @@ def _part(result: PartResult) -> int:
 
 
 def _cache_dir(settings: Settings, name: str, copy_model: CopyModelSpec) -> Path:
-    return settings.data_root / "eval_sets" / name / copy_model.fingerprint()
+    return settings.root / "eval_sets" / name / copy_model.fingerprint()
 
 
 def _describe(
@@ -65,9 +63,10 @@ def _describe(
         commit=described.append,
         total=len(shards),
     )
-    features_shards = [str(r.shards["data"].path) for r in sorted(described, key=_part)]
+    root = job.settings.root
+    features = [storage.portable(r.shards["data"].path, root) for r in sorted(described, key=_part)]
     # Written whole or not at all: a torn manifest would fail every later run.
-    atomic.write_json(cache / _COMPLETE, {"location": location, "features": features_shards})
+    atomic.write_json(cache / _COMPLETE, {"location": location, "features": features})
 
 
 def check_eval_sets(names: list[str], catalog: Catalog, copy_model: CopyModelSpec) -> dict:
@@ -95,10 +94,11 @@ def load_eval_sets(
     sets = []
     for name in names:
         cache = _cache_dir(job.settings, name, copy_model)
-        if not (cache / _COMPLETE).exists():
+        if not storage.exists(cache / _COMPLETE):
             _describe(name, registered[name], copy_model, job, features)
-        files = json.loads((cache / _COMPLETE).read_text())["features"]
-        table = pq.read_table(files, columns=["image_id", "copy_descriptor"]) if files else None
+        recorded = storage.read_json(cache / _COMPLETE)["features"]
+        files = [storage.resolve(path, job.settings.root) for path in recorded]
+        table = storage.read_table(files, ["image_id", "copy_descriptor"]) if files else None
         if table is None or table.num_rows == 0:
             raise EvalSetError(f"eval set {name!r} at {registered[name]} holds no usable images")
         descriptors = list_matrix(table.column("copy_descriptor"), np.float16)

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 from PIL import Image
 
 from curate.core.shards import PartResult, ShardRef, shard_name, write_shard
+from curate.core.storage import read_table
 from curate.stages.dedup.copy_detection import (
     FIXED_SIZE,
     copy_descriptors,
@@ -85,7 +85,7 @@ def dedup_features_part(
     """Hash features and copy descriptors of the images stored in one ingest shard."""
     started = time.perf_counter()
     columns = ["image_id", "part", "item", "image", "width", "height"]
-    table = pq.read_table(shard.path, columns=columns)
+    table = read_table(shard.path, columns)
     # Repeats within the shard are stored without bytes: their image is already here.
     rows = [row for row in table.to_pylist() if row["image"]["bytes"] is not None]
     model = (

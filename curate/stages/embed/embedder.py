@@ -14,13 +14,13 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps
 
 from curate.core.devices import pick_device
 from curate.core.shards import PartResult, shard_name, write_shard
+from curate.core.storage import read_table
 from curate.stages.embed.model import ModelSpec, load_backbone
 from curate.stages.ingest.decode import to_rgb
 from schemas.job import StageName
@@ -86,10 +86,10 @@ def preprocess(data: bytes, image_size: int) -> np.ndarray:
 
 
 def _rows_to_embed(part: EmbedInput) -> pa.Table:
-    ingest = pq.read_table(part.ingest, columns=_INGEST_COLUMNS)
+    ingest = read_table(part.ingest, _INGEST_COLUMNS)
     if part.dedup is None:
         return ingest.filter(pc.is_valid(pc.struct_field(ingest.column("image"), "bytes")))
-    decisions = pq.read_table(part.dedup, columns=["part", "item", "keep"])
+    decisions = read_table(part.dedup, ["part", "item", "keep"])
     same_rows = decisions.num_rows == ingest.num_rows and decisions.column("item").equals(
         ingest.column("item")
     )

@@ -1,10 +1,9 @@
 """The seed sets a job retrieves for, pinned with the job: what retrieval used stays what the
 curated stage reads, whatever the registry says later."""
 
-import json
 from pathlib import Path
 
-from curate.core import atomic
+from curate.core import atomic, storage
 from curate.stages.retrieve.seed_sets import SeedSetConflict
 
 PINNED_SEED_SETS = "seed_sets.json"
@@ -19,8 +18,8 @@ def pin_seed_sets(stage_dir: Path, pin: dict) -> None:
     pair committed parts with other policies, or as-is rows with other shards.
     """
     pinned = stage_dir / PINNED_SEED_SETS
-    if pinned.exists():
-        before = json.loads(pinned.read_text())
+    if storage.exists(pinned):
+        before = storage.read_json(pinned)
         if before["seed_sets"] != pin["seed_sets"]:
             raise SeedSetConflict(
                 f"the seed sets changed since this job started retrieving (was "
@@ -30,10 +29,10 @@ def pin_seed_sets(stage_dir: Path, pin: dict) -> None:
     atomic.write_json(pinned, pin)
 
 
-def pinned_seed_ingest(stage_dir: Path) -> dict[str, dict[int, Path]]:
+def pinned_seed_ingest(stage_dir: Path, root: Path) -> dict[str, dict[int, Path]]:
     """The seed sets' ingest shards the job's retrieval used, whatever the registry says now."""
-    pinned = json.loads((stage_dir / PINNED_SEED_SETS).read_text())["ingest"]
+    pinned = storage.read_json(stage_dir / PINNED_SEED_SETS)["ingest"]
     return {
-        name: {int(part): Path(path) for part, path in shards.items()}
+        name: {int(part): storage.resolve(path, root) for part, path in shards.items()}
         for name, shards in pinned.items()
     }

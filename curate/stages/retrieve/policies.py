@@ -15,17 +15,18 @@ keeps it once and `collisions` counts them.
 """
 
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from curate.core.knn_index import KnnIndex
+from curate.core.stage import ShardPool
 from curate.core.vectors import BLOCK, EmbeddingTable, iter_embeddings
 from curate.stages.cluster.hierarchy import Hierarchy, allocate_budget, even_split, water_level
 from curate.stages.cluster.kmeans import assign
+from curate.stages.retrieve.knn_search import merge_hits
+from curate.stages.retrieve.knn_search import string_array as _string_array
 from schemas.shards import RETRIEVE
 
 _FNV_OFFSET = np.uint64(0xCBF29CE484222325)
@@ -39,14 +40,6 @@ def _splitmix64(x: np.ndarray) -> np.ndarray:
     x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
     x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
     return x ^ (x >> np.uint64(31))
-
-
-def _string_array(values: Iterable[str] | pa.Array | pa.ChunkedArray) -> pa.Array:
-    if isinstance(values, pa.ChunkedArray):
-        values = values.combine_chunks()
-    if not isinstance(values, pa.Array):
-        values = pa.array(list(values), pa.string())
-    return values.cast(pa.string())
 
 
 def id_hash(image_ids: Iterable[str] | pa.Array, seed: int = 0) -> np.ndarray:
@@ -74,28 +67,6 @@ def id_hash(image_ids: Iterable[str] | pa.Array, seed: int = 0) -> np.ndarray:
             mixed = (h ^ byte) * _FNV_PRIME
             h = mixed if uniform else np.where(lengths > j, mixed, h)
         return _splitmix64(h)
-
-
-@dataclass
-class CrawlKeys:
-    """The crawl image of every kNN index id: row i is the vector the index gave id i."""
-
-    image_ids: list[str] | pa.Array
-    parts: np.ndarray
-    items: np.ndarray
-
-    def __post_init__(self) -> None:
-        self.image_ids = _string_array(self.image_ids)
-        self.parts = np.asarray(self.parts, np.int32)
-        self.items = np.asarray(self.items, np.int32)
-        if not len(self.image_ids) == len(self.parts) == len(self.items):
-            raise ValueError(
-                f"crawl keys of different lengths: {len(self.image_ids)} ids, "
-                f"{len(self.parts)} parts, {len(self.items)} items"
-            )
-
-    def __len__(self) -> int:
-        return len(self.image_ids)
 
 
 def _table(
@@ -149,33 +120,32 @@ def retrieve_as_is(seed_set: str, seeds: EmbeddingTable) -> pa.Table:
 def retrieve_knn(
     seed_set: str,
     seeds: EmbeddingTable,
-    index: KnnIndex,
-    crawl: CrawlKeys,
+    shards: ShardPool,
     k: int,
     *,
     batch: int = 4096,
 ) -> pa.Table:
-    """The k nearest crawl images of every seed image (rank 0 = nearest), cosine similarity."""
+    """The k nearest crawl images of every seed image (rank 0 = nearest), cosine similarity.
+
+    shards: the crawl index's searchers (`knn_search.IndexShard`s, in a pool or this process):
+    each block of seeds goes to every shard once and their k best are merged."""
     if k < 1:
         raise ValueError(f"knn retrieval needs k >= 1, got {k}")
-    if len(crawl) != index.ntotal:
-        raise ValueError(f"{len(crawl)} crawl keys for an index of {index.ntotal} vectors")
     seed_ids = _string_array(seeds.image_ids)
     tables = []
     for start in range(0, len(seed_ids), batch):
-        sims, ids = index.search(seeds.vectors[start : start + batch], k)
-        rows, ranks = np.nonzero(ids >= 0)
-        hits = ids[rows, ranks]
+        hits, ranks = merge_hits(shards.map("search", seeds.vectors[start : start + batch], k), k)
+        queries = hits.column("query").to_numpy()
         tables.append(
             _table(
                 seed_set,
                 "knn",
-                image_ids=crawl.image_ids.take(pa.array(hits)),
-                parts=crawl.parts[hits],
-                items=crawl.items[hits],
+                image_ids=_string_array(hits.column("image_id")),
+                parts=hits.column("part").to_numpy(),
+                items=hits.column("item").to_numpy(),
                 ranks=ranks,
-                similarity=sims[rows, ranks],
-                seed_ids=seed_ids.take(pa.array(rows + start)),
+                similarity=hits.column("similarity").to_numpy(),
+                seed_ids=seed_ids.take(pa.array(queries + start)),
             )
         )
     return pa.concat_tables(tables) if tables else RETRIEVE.empty_table()

@@ -8,17 +8,16 @@ every job with the same model embeds a registered set once.
 """
 
 import hashlib
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from curate.catalog import Catalog
-from curate.core import atomic
+from curate.core import atomic, storage
 from curate.core.shards import PartResult, shard_name, write_shard
 from curate.core.stage import JobRun
+from curate.core.storage import portable, read_table, resolve
 from curate.stages.embed.embedder import EmbedInput
 from curate.stages.embed.model import ModelSpec
 from curate.stages.embed.stage import STAGE as EMBED
@@ -65,7 +64,7 @@ def _first_occurrences(shards: dict[int, str], out_dir: Path) -> dict[int, str]:
     seen: set[str] = set()
     written = {}
     for part, path in sorted(shards.items()):
-        table = pq.read_table(path, columns=["image_id", "uri", "part", "item"])
+        table = read_table(path, ["image_id", "uri", "part", "item"])
         keep = []
         for image_id in table.column("image_id").to_pylist():
             keep.append(image_id not in seen)
@@ -90,13 +89,13 @@ def _ingest(seed_set: SeedSet, registered_at: str, job: JobRun) -> tuple[Path, d
     """The set's ingest shards, ingesting it on first use (default ingest options)."""
     settings = job.settings
     folder = (
-        settings.data_root
+        settings.root
         / "seed_sets"
         / seed_set.name
         / ("ingest-" + _digest(seed_set.location, registered_at))
     )
-    if (folder / _COMPLETE).exists():
-        return folder, json.loads((folder / _COMPLETE).read_text())
+    if storage.exists(folder / _COMPLETE):
+        return folder, storage.read_json(folder / _COMPLETE)
     source = detect_source(seed_set.location)
     options = IngestOptions()
     results: list[PartResult] = []
@@ -114,7 +113,7 @@ def _ingest(seed_set: SeedSet, registered_at: str, job: JobRun) -> tuple[Path, d
         {
             image_id
             for path in shards.values()
-            for image_id in pq.read_table(path, columns=["image_id"]).column(0).to_pylist()
+            for image_id in read_table(path, ["image_id"]).column(0).to_pylist()
         }
     )
     if not image_ids:
@@ -125,10 +124,11 @@ def _ingest(seed_set: SeedSet, registered_at: str, job: JobRun) -> tuple[Path, d
     for result in results:
         for reason, count in result.error_counts.items():
             errors[reason] = errors.get(reason, 0) + count
+    root = settings.root
     manifest = {
         "location": seed_set.location,
-        "shards": {str(part): path for part, path in sorted(shards.items())},
-        "first": {str(part): path for part, path in sorted(keep.items())},
+        "shards": {str(part): portable(path, root) for part, path in sorted(shards.items())},
+        "first": {str(part): portable(path, root) for part, path in sorted(keep.items())},
         "images": len(image_ids),
         "content": hashlib.sha256("\n".join(image_ids).encode()).hexdigest(),
         "errors_by_reason": errors,
@@ -149,12 +149,13 @@ def _embed(
     # EMBED rows point at (part, item) of one ingest: the key names that ingest, not only its
     # content, or a re-registration that moves images between parts would reuse stale rows.
     key = _digest(ingest["content"], ingest_dir.name, model.fingerprint(), str(options.image_size))
-    folder = settings.data_root / "seed_sets" / seed_set.name / f"embed-{key}"
-    if (folder / _COMPLETE).exists():
-        return [Path(p) for p in json.loads((folder / _COMPLETE).read_text())["shards"]]
+    folder = settings.root / "seed_sets" / seed_set.name / f"embed-{key}"
+    root = settings.root
+    if storage.exists(folder / _COMPLETE):
+        return [resolve(p, root) for p in storage.read_json(folder / _COMPLETE)["shards"]]
     results: list[PartResult] = []
     inputs = [
-        EmbedInput(int(part), Path(path), Path(ingest["first"][part]))
+        EmbedInput(int(part), resolve(path, root), resolve(ingest["first"][part], root))
         for part, path in ingest["shards"].items()
     ]
     job.compute.map_parts(
@@ -165,9 +166,10 @@ def _embed(
         commit=results.append,
         total=len(inputs),
     )
-    shards = sorted(str(r.shards["data"].path) for r in results if "data" in r.shards)
-    _write_complete(folder, {"model": model.fingerprint(), "shards": shards})
-    return [Path(p) for p in shards]
+    shards = sorted(r.shards["data"].path for r in results if "data" in r.shards)
+    recorded = [portable(path, root) for path in shards]
+    _write_complete(folder, {"model": model.fingerprint(), "shards": recorded})
+    return shards
 
 
 def check_seed_sets(names: list[str], catalog: Catalog) -> list[SeedSet]:
@@ -182,6 +184,7 @@ def load_seed_sets(job: JobRun, model: ModelSpec) -> list[LoadedSeedSet]:
     for seed_set in resolve_seed_sets(job.spec.seeds, registered):
         folder, ingest = _ingest(seed_set, registered[seed_set.name]["created_at"], job)
         embed = _embed(seed_set, folder, ingest, model, job.spec.embed, job)
-        shards = {int(part): Path(path) for part, path in ingest["shards"].items()}
+        root = job.settings.root
+        shards = {int(part): resolve(path, root) for part, path in ingest["shards"].items()}
         loaded.append(LoadedSeedSet(seed_set, shards, embed, ingest["images"]))
     return loaded

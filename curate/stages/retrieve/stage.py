@@ -3,19 +3,13 @@ step), over a crawl kNN index and a balanced-sampling hierarchy built once for t
 
 from typing import Any
 
-import pyarrow.parquet as pq
-
 from curate.core.shards import PartResult
 from curate.core.stage import JobRun, Plan, Stage
+from curate.core.storage import portable, read_table
 from curate.stages.cluster.centroids import fit_hierarchy
 from curate.stages.embed.stage import embed_model_of
-from curate.stages.retrieve.parts import (
-    CrawlInputs,
-    IndexOptions,
-    RetrievePart,
-    build_crawl_index,
-    retrieve_part,
-)
+from curate.stages.retrieve.crawl_index import IndexOptions, open_crawl_index
+from curate.stages.retrieve.parts import CrawlInputs, RetrievePart, retrieve_part
 from curate.stages.retrieve.pinning import pin_seed_sets
 from curate.stages.retrieve.policies import collisions
 from curate.stages.retrieve.seed_cache import LoadedSeedSet, check_seed_sets, load_seed_sets
@@ -50,6 +44,8 @@ class RetrieveStage(Stage):
             options.nprobe,
             options.seed,
             options.min_seeds,
+            options.index_shards,
+            options.index_shard_rows,
         )
         steps = ((s, step) for s in seed_sets for step in s.policy)
         parts = [
@@ -67,18 +63,30 @@ class RetrieveStage(Stage):
         seed_sets: list[LoadedSeedSet] = plan.driver
         crawl: CrawlInputs = plan.inputs[0]
         described = [s.seed_set.describe() | {"images": s.images} for s in seed_sets]
+        root = job.settings.root
         ingest = {
-            s.name: {str(part): str(path) for part, path in s.ingest.items()} for s in seed_sets
+            s.name: {str(part): portable(path, root) for part, path in s.ingest.items()}
+            for s in seed_sets
         }
         # The embed shards too: browsing places each seed image among the job's clusters.
-        embed = {s.name: [str(path) for path in s.embed] for s in seed_sets}
+        embed = {s.name: [portable(path, root) for path in s.embed] for s in seed_sets}
         pin = {"seed_sets": described, "ingest": ingest, "embed": embed}
         pin_seed_sets(job.stage_dir(self.name), pin)
         plan.metrics["seed_sets"] = described
         if _has_policy(seed_sets, "knn"):
-            plan.metrics["index"] = job.compute.task(
-                self.name, build_crawl_index, crawl, plan.inputs[1]
+            # One searcher per index shard, shared by every kNN part through the inputs; none
+            # when a resumed run has no kNN part left to search.
+            done = job.catalog.committed_parts(job.job_id, self.name)
+            parts: list[RetrievePart] = list(plan.parts)
+            searchers, plan.metrics["index"] = open_crawl_index(
+                job.compute,
+                self.name,
+                crawl.embed,
+                crawl.index_dir,
+                plan.inputs[1],
+                search=any(p.step.kind == "knn" and p.index not in done for p in parts),
             )
+            plan.inputs = (*plan.inputs, searchers)
         if _has_policy(seed_sets, "balanced"):
             cluster = job.spec.cluster
             plan.metrics |= job.compute.task(
@@ -102,7 +110,7 @@ class RetrieveStage(Stage):
     def summarize(self, job: JobRun, plan: Plan) -> dict[str, Any]:
         retrieved = job.shard_paths(self.name)
         plan.metrics["collisions"] = collisions(
-            pq.read_table(path, columns=["image_id", "seed_set"]) for path in retrieved
+            read_table(path, ["image_id", "seed_set"]) for path in retrieved
         )
         return plan.metrics
 

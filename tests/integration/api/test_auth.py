@@ -1,14 +1,17 @@
 """Who may call the service: tokens and their scopes, revocation, the UI's session cookie, and
 auth switched off explicitly (`curate serve --no-auth`)."""
 
+import json
 import os
 import socket
+import stat
 import subprocess
 import sys
 import time
 
 import httpx
 
+from curate.catalog import Catalog
 from curate.settings import Settings
 from services.api.settings import ServiceSettings
 from tests.service import curate_cli, serve
@@ -52,6 +55,38 @@ def test_tokens_from_the_cli_are_hashed_and_revocable(api_server):
     assert revoked.status_code == 401 and revoked.json()["error"]["code"] == "unauthenticated"
     unknown = curate_cli("tokens", "revoke", "tok-missing", data_root=data_root, check=False)
     assert unknown.returncode == 2 and "no token 'tok-missing'" in unknown.stderr
+
+
+def test_the_local_token_is_kept_and_reused_until_revoked(tmp_path):
+    """`make serve` prints `curate tokens local`: the same token on every run, kept where only
+    its owner can read it, and a new one once it is revoked or exposed."""
+    data_root = tmp_path / "data"
+
+    def local() -> dict:
+        return json.loads(curate_cli("tokens", "local", "--json", data_root=data_root).stdout)
+
+    first = local()
+    assert first["scope"] == "write" and not first["reused"]
+    kept = data_root / "catalog.duckdb.serve-token"
+    assert stat.S_IMODE(kept.stat().st_mode) == 0o600
+    assert kept.read_text().strip() == first["token"]
+    second = local()
+    assert second["reused"] and second["token"] == first["token"]
+    assert second["token_id"] == first["token_id"]
+    assert curate_cli("tokens", "local", data_root=data_root).stdout.strip() == first["token"]
+
+    curate_cli("tokens", "revoke", first["token_id"], data_root=data_root)
+    third = local()
+    assert not third["reused"] and third["token"] != first["token"]
+    catalog = Catalog(data_root / "catalog.duckdb", data_root)
+    assert catalog.token_for(third["token"])["token_id"] == third["token_id"]
+
+    kept.chmod(0o644)  # readable by others: maybe leaked, so revoked and replaced
+    fourth = local()
+    assert not fourth["reused"] and fourth["token"] != third["token"]
+    assert catalog.token_for(third["token"]) is None
+    assert stat.S_IMODE(kept.stat().st_mode) == 0o600
+    assert [t["name"] for t in catalog.tokens()] == ["local"] * 3
 
 
 def test_the_session_cookie_signs_the_ui_in_and_out(api_server, read_token):

@@ -135,6 +135,26 @@ def test_jobs_are_paged_newest_first_and_filtered(tmp_path):
         assert [job["job_id"] for job in before["items"]] == ["job-1", "job-0"]
 
 
+def test_job_status_reads_the_catalog_only_after_it_changed(tmp_path):
+    """Polls of an unchanged job are answered from memory; a change is seen by the next poll
+    (nobody else was reading it: no stale answer)."""
+    settings = Settings(data_root=tmp_path / "data", progress=False)
+    with serve(settings, ServiceSettings(port=0, auth=False)) as server:
+        server.catalog.create_job(JobSpec(source="/src", job_id="polled"))
+        details = server.app.state.manager._details
+        client = server.client()
+        assert client.get("/v1/jobs/polled").json()["status"] == "created"
+        reads = details.reads
+        for _ in range(5):
+            assert client.get("/v1/jobs/polled").json()["status"] == "created"
+        # One more read at most: a stamp within a clock tick of the last write is not trusted.
+        assert details.reads <= reads + 1
+        server.catalog.set_job_status("polled", "done")
+        assert client.get("/v1/jobs/polled").json()["status"] == "done"
+        server.catalog.delete_job("polled")
+        assert client.get("/v1/jobs/polled").status_code == 404
+
+
 def test_a_dead_driver_reads_failed_and_a_restarted_service_finds_it(tmp_path):
     """Drivers recorded by a service that has gone: their processes are gone too, or on
     another machine. The next service to start says so from the start."""

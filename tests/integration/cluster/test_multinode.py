@@ -6,7 +6,6 @@ Ray's job API."""
 
 import json
 import subprocess
-import time
 from pathlib import Path
 
 import httpx
@@ -18,9 +17,10 @@ from curate.catalog import Catalog
 from curate.settings import Settings
 from pipelines.job import run_job
 from schemas.job import parse_job_spec
-from tests.cluster import ENTRYPOINT, curate_on, free_port
+from tests.cluster import ENTRYPOINT, curate_on
 from tests.integration.test_pipeline import TINY, write_corpus
-from tests.service import run_to_end
+from tests.ports import free_port
+from tests.service import run_to_end, wait_for_api
 
 POLICY = "as-is+knn:2+cluster:3+balanced:5"
 PARALLEL = ("ingest", "dedup_features", "dedup", "embed", "cluster", "retrieve")
@@ -77,7 +77,8 @@ def killing(stage):
     return clone
 
 
-registry.STAGES = tuple(killing(s) if s.name == STAGE else s for s in registry.STAGES)
+load_stage = registry.load_stage
+registry.load_stage = lambda name: killing(load_stage(name)) if name == STAGE else load_stage(name)
 sys.exit(main(sys.argv[1:]))
 """
 
@@ -199,30 +200,40 @@ def test_a_worker_node_killed_mid_stage_loses_nothing(
         ray_cluster.add_worker(victim)  # the next test gets two workers again
 
 
-def test_the_service_submits_jobs_to_the_cluster_through_ray_job_api(ray_cluster, corpus, tmp_path):
+def test_the_service_submits_jobs_to_the_cluster_through_ray_job_api(
+    ray_cluster, corpus, object_store, tmp_path
+):
     """`docker/entrypoint.sh api` as a deployment runs it, its CURATE_RAY_ADDRESS the head's
-    job API: the driver is a Ray job, and the job's parts run on the worker nodes."""
-    data_root = tmp_path / "data"
+    job API, its data root an object store: the driver is a Ray job, the job's parts run on the
+    worker nodes, and every shard they write is an object of the store."""
+    catalog_file = tmp_path / "catalog.duckdb"
     port = free_port()
     env = {
         **ray_cluster.env,
-        "CURATE_DATA_ROOT": str(data_root),
+        "CURATE_DATA_ROOT": object_store.uri("cluster"),
+        "CURATE_CATALOG_PATH": str(catalog_file),
+        "CURATE_CACHE_DIR": str(tmp_path / "api-mirror"),
         "CURATE_RAY_ADDRESS": ray_cluster.dashboard,
         "CURATE_SOURCE_ROOTS": str(corpus),
         "CURATE_API_HOST": "127.0.0.1",
         "CURATE_API_PORT": str(port),
         "CURATE_ALLOW_PRIVATE_NETWORKS": "1",
     }
-    Catalog(data_root / "catalog.duckdb", data_root).add_seed_set(
-        "tiny", str(corpus / "seeds"), POLICY, None
+    settings = Settings(
+        data_root=object_store.uri("cluster"),
+        catalog_path=catalog_file,
+        cache_dir=tmp_path / "test-mirror",
+        progress=False,
     )
+    catalog = Catalog(settings.catalog_file, settings.root)
+    catalog.add_seed_set("tiny", str(corpus / "seeds"), POLICY, None)
     with open(tmp_path / "api.log", "wb") as log:
         api = subprocess.Popen(
             [str(ENTRYPOINT), "api", "--no-auth"], env=env, stdout=log, stderr=subprocess.STDOUT
         )
     try:
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as client:
-            _wait_for_api(client, api, tmp_path / "api.log")
+            wait_for_api(client, api, tmp_path / "api.log")
             created = client.post("/v1/jobs", json=_spec(corpus, "via-api"))
             assert created.status_code == 201, created.text
             events = run_to_end(client, "via-api")
@@ -231,22 +242,11 @@ def test_the_service_submits_jobs_to_the_cluster_through_ray_job_api(ray_cluster
     finally:
         api.terminate()
         api.wait(timeout=60)
-    catalog = Catalog(data_root / "catalog.duckdb", data_root)
     driver = catalog.job_driver("via-api")
     assert driver["kind"] == "ray" and driver["ref"].startswith("curate-via-api-")
     workers = {ray_cluster.nodes[n].node_id for n in ("node_a", "node_b")}
     nodes = _nodes(catalog, "via-api")
     assert all(nodes[stage] == workers for stage in PARALLEL), nodes
-
-
-def _wait_for_api(client: httpx.Client, api: subprocess.Popen, log: Path) -> None:
-    """Until the service answers (a bounded wait for it to start, not a timing under test)."""
-    for _ in range(240):
-        assert api.poll() is None, log.read_text()[-3000:]
-        try:
-            if client.get("/v1/jobs").status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.5)
-    raise AssertionError(f"the service did not start: {log.read_text()[-3000:]}")
+    objects = object_store.objects("cluster")
+    for shard in catalog.registered_shards("via-api"):
+        assert objects.get(shard["path"]) == shard["bytes"], shard["path"]

@@ -3,19 +3,23 @@
 import pickle
 
 from curate.core.stage import Stage
-from pipelines.registry import STAGES, job_stages
+from pipelines.registry import ENTRIES, all_stages, job_stages
 from schemas.job import STAGES as JOB_STAGES
 from schemas.job import StageName, parse_job_spec
 
 
 def test_the_registry_holds_one_stage_object_per_name_in_pipeline_order():
-    assert [stage.name for stage in STAGES] == list(StageName)
-    assert all(isinstance(stage, Stage) for stage in STAGES)
+    stages = all_stages()
+    assert [stage.name for stage in stages] == list(StageName)
+    assert all(isinstance(stage, Stage) for stage in stages)
+    # The table's sections (written there so that a job imports only its own stages) are the
+    # stage objects' own.
+    assert [entry.section for entry in ENTRIES] == [stage.job_section() for stage in stages]
     # Every section a stage belongs to is a stage a job can name, and the sections come in order.
-    sections = [stage.job_section() for stage in STAGES]
+    sections = [stage.job_section() for stage in stages]
     assert list(dict.fromkeys(sections)) == list(JOB_STAGES)
     # Stage objects travel to Ray workers.
-    for stage in STAGES:
+    for stage in stages:
         assert type(pickle.loads(pickle.dumps(stage))) is type(stage)
 
 

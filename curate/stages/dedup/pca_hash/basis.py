@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from curate.core.atomic import atomic_path
+from curate.core.storage import fetch
 
 # -- defaults, and how they were chosen -----------------------------------------------------------
 #
@@ -152,7 +153,7 @@ class PCAHasher:
 
     @classmethod
     def load(cls, path: str | Path) -> "PCAHasher":
-        with np.load(Path(path), allow_pickle=False) as data:
+        with np.load(fetch(path), allow_pickle=False) as data:
             return cls(
                 mean=data["mean"],
                 components=data["components"],

@@ -9,10 +9,11 @@ import pytest
 import curate.stages.retrieve.policies as retrieve
 from curate.core.knn_index import KnnIndex
 from curate.core.shards import write_shard
+from curate.core.stage import LocalPool
 from curate.core.vectors import EmbeddingTable, unit_rows
 from curate.stages.cluster.hierarchy import Hierarchy
+from curate.stages.retrieve.knn_search import CrawlKeys, IndexShard
 from curate.stages.retrieve.policies import (
-    CrawlKeys,
     collisions,
     id_hash,
     retrieve_as_is,
@@ -93,7 +94,8 @@ def test_knn_picks_the_planted_neighbours_at_their_ranks(kind):
     ids = [f"c{i}" for i in range(len(crawl))]
     keys = CrawlKeys(ids, np.full(len(crawl), 2), np.arange(len(crawl)))
     seed_table = embeddings([f"s{i}" for i in range(100)], seeds)
-    table = retrieve_knn("imagenet1k", seed_table, index, keys, 4, batch=33)
+    shards = LocalPool([IndexShard(index, keys)])
+    table = retrieve_knn("imagenet1k", seed_table, shards, 4, batch=33)
     assert table.schema == RETRIEVE and table.num_rows == 400
     seed_rows = [int(s[1:]) for s in table.column("seed_id").to_pylist()]
     crawl_rows = [int(c[1:]) for c in table.column("image_id").to_pylist()]
@@ -112,11 +114,11 @@ def test_knn_with_fewer_crawl_images_than_k_and_bad_keys():
     index.add(rng.standard_normal((3, 8)))
     keys = CrawlKeys(["a", "b", "c"], [0, 0, 0], [0, 1, 2])
     seeds = embeddings(["s"], rng.standard_normal((1, 8)))
-    table = retrieve_knn("gldv2", seeds, index, keys, 5)
+    table = retrieve_knn("gldv2", seeds, LocalPool([IndexShard(index, keys)]), 5)
     assert sorted(table.column("image_id").to_pylist()) == ["a", "b", "c"]
     assert table.column("rank").to_pylist() == [0, 1, 2]
     with pytest.raises(ValueError, match="2 crawl keys for an index of 3 vectors"):
-        retrieve_knn("gldv2", seeds, index, CrawlKeys(["a", "b"], [0, 0], [0, 1]), 5)
+        IndexShard(index, CrawlKeys(["a", "b"], [0, 0], [0, 1]))
     with pytest.raises(ValueError, match="crawl keys of different lengths"):
         CrawlKeys(["a"], [0, 0], [0])
 

@@ -8,14 +8,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from curate.core.shards import write_shard
-from curate.stages.retrieve.parts import (
-    CrawlInputs,
-    IndexOptions,
-    RetrievePart,
-    build_crawl_index,
-    cap_images,
-    retrieve_part,
-)
+from curate.stages.retrieve.crawl_index import IndexOptions, build_crawl_index
+from curate.stages.retrieve.parts import CrawlInputs, RetrievePart, cap_images, retrieve_part
 from curate.stages.retrieve.seed_sets import PolicyStep
 from schemas.shards import EMBED, RETRIEVE
 
@@ -48,9 +42,10 @@ def test_ivf_crawl_index_finds_planted_neighbours(tmp_path):
     inputs = CrawlInputs(shards, (), tmp_path / "cluster", tmp_path / "index")
     options = IndexOptions(flat_max=500, nlist=None, pq_m=None, nprobe=None, seed=0, min_seeds=3)
 
-    described = build_crawl_index(inputs, options)
+    described = build_crawl_index(inputs.embed, inputs.index_dir, options)
     assert described["kind"] != "flat" and described["ntotal"] == 3000
-    assert build_crawl_index(inputs, options) == described  # built once, then reused
+    # built once, then reused
+    assert build_crawl_index(inputs.embed, inputs.index_dir, options) == described
 
     part = RetrievePart(0, "s", PolicyStep("knn", 3), None, (seed_shard,))
     result = retrieve_part(part, inputs, options, tmp_path / "retrieve")
