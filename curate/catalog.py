@@ -10,21 +10,19 @@ import os
 import time
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager, suppress
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import duckdb
 
 from curate.catalog_reports import JobReports
-from curate.catalog_service import ServiceRecords, migrate_idempotency_keys
-from curate.core import storage
+from curate.catalog_service import ServiceRecords, migrate_idempotency_keys, utc_now
+from curate.catalog_views import JobViews
 from curate.core.shards import PartResult, ShardRef
-from curate.core.sql import path_list, quote_name
+from curate.core.sql import quote_name
 from schemas.catalog import CATALOG_DDL, STAGE_VIEWS
 from schemas.errors import ConflictError, InternalError, NotFoundError
 from schemas.job import JobSpec
-from schemas.shards import ERRORS
 
 
 class CatalogError(InternalError, RuntimeError):
@@ -49,26 +47,12 @@ class NameTaken(ConflictError, CatalogError):
     code = "name_taken"
 
 
-def _now() -> datetime:
-    return datetime.now(UTC).replace(tzinfo=None)
-
-
 def _is_lock_conflict(error: Exception) -> bool:
     text = str(error).lower()
     return "lock" in text and ("conflict" in text or "could not set" in text)
 
 
-_EMPTY_ERRORS = (
-    "(SELECT "
-    + ", ".join(
-        f"CAST(NULL AS {'INTEGER' if str(f.type) == 'int32' else 'VARCHAR'}) AS {f.name}"
-        for f in ERRORS
-    )
-    + " LIMIT 0)"
-)
-
-
-class Catalog(JobReports, ServiceRecords):
+class Catalog(JobReports, ServiceRecords, JobViews):
     def __init__(self, path: Path, data_root: Path, lock_timeout_s: float = 120.0):
         self.path = Path(path)
         self.data_root = Path(data_root)
@@ -140,7 +124,7 @@ class Catalog(JobReports, ServiceRecords):
         assert spec.job_id, "a job spec reaching the catalog has an id"
         with self._transaction() as con:
             row = con.execute("SELECT spec FROM jobs WHERE job_id = ?", [spec.job_id]).fetchone()
-            now = _now()
+            now = utc_now()
             if row is None:
                 con.execute(
                     "INSERT INTO jobs VALUES (?, ?, 'created', NULL, ?, ?)",
@@ -164,7 +148,7 @@ class Catalog(JobReports, ServiceRecords):
         with self._transaction() as con:
             con.execute(
                 "UPDATE jobs SET status = ?, message = ?, updated_at = ? WHERE job_id = ?",
-                [status, message, _now(), job_id],
+                [status, message, utc_now(), job_id],
             )
 
     def job_spec(self, job_id: str) -> JobSpec:
@@ -190,7 +174,7 @@ class Catalog(JobReports, ServiceRecords):
                     started_at = CASE WHEN stages.status = 'running' THEN stages.started_at
                                       ELSE excluded.started_at END
                 """,
-                [job_id, stage, parts_total, _now()],
+                [job_id, stage, parts_total, utc_now()],
             )
 
     def stage_status(self, job_id: str, stage: str) -> str | None:
@@ -221,7 +205,7 @@ class Catalog(JobReports, ServiceRecords):
                     result.rows_out,
                     result.errors,
                     result.seconds,
-                    _now(),
+                    utc_now(),
                     result.node,
                 ],
             )
@@ -268,7 +252,7 @@ class Catalog(JobReports, ServiceRecords):
                 """,
                 [
                     status,
-                    _now(),
+                    utc_now(),
                     seconds,
                     json.dumps(metrics) if metrics is not None else None,
                     message,
@@ -344,7 +328,7 @@ class Catalog(JobReports, ServiceRecords):
                 "UPDATE jobs SET status = CASE WHEN status = 'done' THEN 'failed' ELSE status END, "
                 "message = CASE WHEN status = 'done' THEN ? ELSE message END, updated_at = ? "
                 "WHERE job_id = ?",
-                [message, _now(), job_id],
+                [message, utc_now(), job_id],
             )
 
     # -- evaluation sets ----------------------------------------------------------------------
@@ -355,7 +339,7 @@ class Catalog(JobReports, ServiceRecords):
             if row is not None and row[0] != location:
                 raise NameTaken(f"eval set {name!r} is registered at {row[0]}; choose another name")
             if row is None:
-                con.execute("INSERT INTO eval_sets VALUES (?, ?, ?)", [name, location, _now()])
+                con.execute("INSERT INTO eval_sets VALUES (?, ?, ?)", [name, location, utc_now()])
 
     def eval_sets(self) -> dict[str, str]:
         """Registered evaluation sets: name -> location."""
@@ -381,7 +365,7 @@ class Catalog(JobReports, ServiceRecords):
                 )
             con.execute(
                 "INSERT OR REPLACE INTO seed_sets VALUES (?, ?, ?, ?, ?)",
-                [name, location, policy, cap, _now()],
+                [name, location, policy, cap, utc_now()],
             )
 
     def seed_sets(self) -> dict[str, dict[str, Any]]:
@@ -394,49 +378,6 @@ class Catalog(JobReports, ServiceRecords):
             name: {"location": loc, "policy": pol, "cap": cap, "created_at": at.isoformat()}
             for name, loc, pol, cap, at in rows
         }
-
-    # -- views --------------------------------------------------------------------------------
-
-    def refresh_views(self, job_id: str, fetched: bool = False) -> None:
-        """(Re)create the job's SQL views over exactly its registered shards. DuckDB reads them
-        as local files: on an object store root, `curate sql` fetches them and calls this."""
-        if storage.is_remote(self.data_root) and not fetched:
-            return
-        with self._transaction() as con:
-            rows = con.execute(
-                "SELECT stage, kind, path FROM shards WHERE job_id = ? ORDER BY stage, kind, part",
-                [job_id],
-            ).fetchall()
-            by_stage: dict[str, dict[str, list[Path]]] = {}
-            for stage, kind, path in rows:
-                by_stage.setdefault(stage, {}).setdefault(kind, []).append(self.absolute(path))
-            schema = quote_name(job_id)
-            con.execute(f"CREATE SCHEMA IF NOT EXISTS {schema}")
-            for stage, kinds in by_stage.items():
-                sources = {
-                    kind: f"read_parquet({path_list(paths)}, union_by_name = true)"
-                    for kind, paths in kinds.items()
-                }
-                # A stage without errors writes no errors shards; its errors view is then empty.
-                if "errors" not in sources:
-                    sources["errors"] = _EMPTY_ERRORS
-                for view, template in STAGE_VIEWS.get(stage, {}).items():
-                    con.execute(
-                        f"CREATE OR REPLACE VIEW {schema}.{quote_name(view)} AS "
-                        + template.format(**sources)
-                    )
-
-    # -- SQL --------------------------------------------------------------------------------
-
-    def query(self, sql: str) -> tuple[list[str], list[tuple]]:
-        """Run one read-only SQL statement against the catalog and its views."""
-        con = self._connect(read_only=True)
-        try:
-            cur = con.execute(sql)
-            names = [d[0] for d in cur.description] if cur.description else []
-            return names, cur.fetchall() if names else []
-        finally:
-            con.close()
 
     # -- browsing (curate/browse) -------------------------------------------------------------
 

@@ -60,7 +60,8 @@ class CatalogConflict(InternalError):
     code = "catalog_conflict"
 
 
-def _now() -> datetime:
+def utc_now() -> datetime:
+    """Now, as the catalog stores times: naive UTC."""
     return datetime.now(UTC).replace(tzinfo=None)
 
 
@@ -150,7 +151,7 @@ class ServiceRecords:
         assert scope in SCOPES, scope
         secret = "curate_" + secrets.token_urlsafe(32)
         token_id = "tok-" + secrets.token_hex(4)
-        now = _now()
+        now = utc_now()
 
         def insert(con: duckdb.DuckDBPyConnection) -> None:
             con.execute(
@@ -174,7 +175,7 @@ class ServiceRecords:
         def revoke(con: duckdb.DuckDBPyConnection) -> dict[str, Any]:
             con.execute(
                 "UPDATE api_tokens SET revoked_at = coalesce(revoked_at, ?) WHERE token_id = ?",
-                [_now(), token_id],
+                [utc_now(), token_id],
             )
             row = con.execute(
                 "SELECT token_id, name, scope, created_at, revoked_at FROM api_tokens "
@@ -233,7 +234,7 @@ class ServiceRecords:
                     f"job {spec.job_id!r} exists; resume it (POST /v1/jobs/{spec.job_id}/resume)"
                     " or choose another job_id"
                 )
-            now = _now()
+            now = utc_now()
             con.execute(
                 "INSERT INTO jobs VALUES (?, ?, 'created', NULL, ?, ?)",
                 [spec.job_id, spec.model_dump_json(), now, now],
@@ -263,7 +264,7 @@ class ServiceRecords:
                 raise _job_not_found(job_id, self.path)
             if row[0] in ("running", "cancelling"):
                 raise JobBusy(f"job {job_id!r} is {row[0]}; wait for it to end")
-            now = _now()
+            now = utc_now()
             con.execute(
                 "UPDATE jobs SET status = 'running', message = NULL, updated_at = ? "
                 "WHERE job_id = ?",
@@ -323,7 +324,7 @@ class ServiceRecords:
                 return False
             status = "cancelled" if row[0] == "cancelling" else "failed"
             text = f"cancelled; {message}" if status == "cancelled" else message
-            now = _now()
+            now = utc_now()
             con.execute(
                 "UPDATE jobs SET status = ?, message = ?, updated_at = ? WHERE job_id = ?",
                 [status, text, now, job_id],
@@ -353,7 +354,7 @@ class ServiceRecords:
                 )
             con.execute(
                 "UPDATE jobs SET status = 'cancelling', updated_at = ? WHERE job_id = ?",
-                [_now(), job_id],
+                [utc_now(), job_id],
             )
             return driver
 

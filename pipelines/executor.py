@@ -104,23 +104,18 @@ def _stamped(result: PartResult) -> PartResult:
 Stores = tuple[storage.Store, ...]
 
 
-def _reach(stores: Stores) -> None:
-    for store in stores:
-        storage.register(store)
-
-
 def _call(stores: Stores, work: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-    _reach(stores)
+    storage.register_all(stores)
     return work(*args, **kwargs)
 
 
 def _run_stateless(stores: Stores, work: PartWork, inputs: Any, part: Part) -> PartResult:
-    _reach(stores)
+    storage.register_all(stores)
     return _stamped(work.run_part(work.setup(inputs, Worker(cpus=1, gpu=False)), part))
 
 
 def _load(stores: Stores, work: PartWork, inputs: Any, part: Part) -> tuple[int, Any]:
-    _reach(stores)
+    storage.register_all(stores)
     # Two returns: the driver waits on the small first one (and sees a failure there) without
     # ever fetching the loaded part, which goes straight from this worker to an actor.
     return part.index, work.load_part(inputs, part)
@@ -130,7 +125,7 @@ class _PoolWorker:
     """One long-lived worker of a stateful stage: sets up once, then runs parts."""
 
     def __init__(self, stores: Stores, work: PartWork, inputs: Any, gpu: bool) -> None:
-        _reach(stores)
+        storage.register_all(stores)
         self.work = work
         # A set-up that fails is reported by ready() as an ordinary task error carrying our own
         # exception; raised here it would reach the driver only as a traceback text.

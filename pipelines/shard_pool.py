@@ -34,8 +34,7 @@ class _ShardWorker:
         shard: Any,
         worker: Worker,
     ) -> None:
-        for store in stores:  # the driver's object store roots: its shard is read from there
-            storage.register(store)
+        storage.register_all(stores)  # the driver's object store roots: its shard is there
         # A failed open is raised by ready() as an ordinary task error carrying our exception;
         # raised here it would reach the driver only as a traceback text.
         self.state: Any = None

@@ -121,6 +121,12 @@ def register(store: Store) -> Store:
     return store
 
 
+def register_all(stores: Iterable[Store]) -> None:
+    """Register what `registered()` gave in another process (a worker gets the driver's)."""
+    for store in stores:
+        register(store)
+
+
 def _remote_of(path: Path | str) -> tuple[Store, str] | None:
     if not _stores:
         return None

@@ -15,7 +15,8 @@ from curate.core.storage import dataset, is_remote
 from curate.settings import CrawlSettings
 from curate.stages.ingest.crawl import Crawler
 from curate.stages.ingest.decode import AcceptedImage, Rejected, decode_image
-from curate.stages.ingest.sources import Item, SourcePart, read_local_items
+from curate.stages.ingest.items import Item, read_local_items
+from curate.stages.ingest.sources import SourcePart
 from schemas.job import IngestOptions, StageName
 from schemas.shards import ERRORS, INGEST
 

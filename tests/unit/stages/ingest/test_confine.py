@@ -7,8 +7,9 @@ import pytest
 
 from curate.settings import CrawlSettings
 from curate.stages.ingest.confine import LocationNotAllowed, check_location, glob_base
+from curate.stages.ingest.items import read_local_items
 from curate.stages.ingest.part import ingest_part
-from curate.stages.ingest.sources import SourceError, detect_source, read_local_items
+from curate.stages.ingest.sources import SourceError, detect_source
 from schemas.job import IngestOptions
 from schemas.reasons import Reason
 from tests.corpus import write_folder, write_tar

@@ -5,7 +5,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from curate.stages.ingest.decode import Rejected
-from curate.stages.ingest.sources import SourceError, detect_source, read_local_items
+from curate.stages.ingest.items import read_local_items
+from curate.stages.ingest.sources import SourceError, detect_source
 from schemas.reasons import Reason
 from tests.corpus import (
     webdataset_samples,
